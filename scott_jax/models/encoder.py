@@ -1,0 +1,81 @@
+"""Encoder = tokenizer + transformer: images [B, S, S, 3] -> patch features [B, N, D].
+
+Used as both the context encoder (with a keep-mask, in train mode) and the target encoder
+(no mask, deterministic). The tokenizer output is sown as `intermediates/tokens` so that
+evaluators and tests can read it without a second forward pass.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from scott_jax.models.tokenizers import (
+    SCOTT_PATCH_SIZE,
+    PatchEmbedTokenizer,
+    ScottTokenizer,
+    patch_grid,
+)
+from scott_jax.models.transformer import Transformer
+
+TOKENIZERS = ("scott", "vit")
+
+
+class Encoder(nn.Module):
+    """SCOTT (`tokenizer='scott'`) or patch-embed ViT (`tokenizer='vit'`) encoder (SPEC §1-3)."""
+
+    tokenizer: str
+    img_size: int
+    depth: int
+    num_heads: int
+    embed_dim: int = 384
+    patch_size: int = 16
+    ffn_layer: str = "swiglu"
+    mlp_ratio: float = 4.0
+    dropout_rate: float = 0.0
+    attention_dropout: float = 0.0
+    stochastic_depth_rate: float = 0.0
+    num_register_tokens: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    @property
+    def grid_size(self) -> int:
+        return patch_grid(self.img_size, self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def make_tokenizer(self) -> nn.Module:
+        if self.tokenizer == "scott":
+            if self.patch_size != SCOTT_PATCH_SIZE:
+                raise ValueError(
+                    f"the SCOTT tokenizer downsamples by {SCOTT_PATCH_SIZE}; patch_size "
+                    f"{self.patch_size} is not supported (use tokenizer='vit' for other sizes)"
+                )
+            return ScottTokenizer(self.embed_dim, self.img_size, dtype=self.dtype, name="tokenizer")
+        if self.tokenizer == "vit":
+            return PatchEmbedTokenizer(
+                self.embed_dim, self.img_size, self.patch_size, dtype=self.dtype, name="tokenizer"
+            )
+        raise ValueError(f"unknown tokenizer {self.tokenizer!r}; expected one of {TOKENIZERS}")
+
+    @nn.compact
+    def __call__(
+        self, images: jax.Array, keep_mask: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:
+        """images [B, S, S, 3], keep_mask [B, N] (1 = visible) or None -> [B, N, D]."""
+        tokens = self.make_tokenizer()(images, keep_mask)
+        self.sow("intermediates", "tokens", tokens)
+        return Transformer(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            grid_size=self.grid_size,
+            ffn_layer=self.ffn_layer,
+            mlp_ratio=self.mlp_ratio,
+            dropout_rate=self.dropout_rate,
+            attention_dropout=self.attention_dropout,
+            stochastic_depth_rate=self.stochastic_depth_rate,
+            num_register_tokens=self.num_register_tokens,
+            dtype=self.dtype,
+            name="transformer",
+        )(tokens, keep_mask, train=train)

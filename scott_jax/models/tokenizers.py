@@ -1,0 +1,160 @@
+"""Tokenizers: images [B, H, W, 3] -> tokens [B, N, D], N = (H/p)·(W/p) in row-major order.
+
+`ScottTokenizer` is the Sparse Convolutional Tokenizer (SPEC §1): a two-layer conv stem
+whose "sparse" behaviour is emulated by masking, SparK-style. `PatchEmbedTokenizer` is the
+plain ViT patch embedding of the "No SCOTT" ablation (SPEC §2).
+
+Both take `keep_mask` [B, N] (1 = visible patch, 0 = masked), so the encoder can treat
+them alike; the patch embedding ignores it because its patches do not overlap and the
+transformer replaces masked tokens anyway.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from scott_jax.models import initializers
+
+#: Total downsampling of the SCOTT stem: two stride-2 convs and two stride-2 blur pools.
+SCOTT_PATCH_SIZE = 16
+
+
+def patch_grid(img_size: int, patch_size: int) -> int:
+    """Side of the square patch grid; a clear error when the image does not tile."""
+    if img_size <= 0 or img_size % patch_size:
+        lower = max(patch_size, img_size // patch_size * patch_size)
+        raise ValueError(
+            f"image size {img_size} is not divisible by the patch size {patch_size}: the patch "
+            f"grid would be {img_size / patch_size:g} x {img_size / patch_size:g}. Use a multiple "
+            f"of {patch_size}, e.g. {lower} or {lower + patch_size}."
+        )
+    return img_size // patch_size
+
+
+def check_inputs(images: jax.Array, keep_mask: jax.Array | None, img_size: int, grid: int):
+    """Validates static shapes: images [B, img_size, img_size, 3], keep_mask [B, grid²]."""
+    if images.ndim != 4 or images.shape[1:3] != (img_size, img_size):
+        raise ValueError(
+            f"expected images of shape [B, {img_size}, {img_size}, C] (NHWC) for a model built "
+            f"with img_size={img_size}, got {tuple(images.shape)}"
+        )
+    if keep_mask is not None and keep_mask.shape != (images.shape[0], grid * grid):
+        raise ValueError(
+            f"keep_mask must have shape [B, N] = [{images.shape[0]}, {grid * grid}] for a "
+            f"{grid}x{grid} patch grid, got {tuple(keep_mask.shape)}"
+        )
+
+
+def upsample_mask(active: jax.Array, size: int) -> jax.Array:
+    """Nearest-repeat a [B, g, g] patch map to [B, size, size, 1] (size a multiple of g).
+
+    Feature-map pixel (i, j) at resolution `size` belongs to patch (i·g/size, j·g/size),
+    as in the reference's `repeat_interleave` (SPEC §1.3 step 3).
+    """
+    factor = size // active.shape[1]
+    up = jnp.repeat(jnp.repeat(active, factor, axis=1), factor, axis=2)
+    return up[..., None]
+
+
+def pascal_blur_kernel(channels: int, dtype=jnp.float32) -> jax.Array:
+    """Fixed 3x3 binomial kernel outer([1,2,1],[1,2,1])/16 as a depthwise HWIO kernel."""
+    row = np.array([1.0, 2.0, 1.0])
+    kernel = np.outer(row, row) / 16.0
+    return jnp.asarray(np.tile(kernel[:, :, None, None], (1, 1, 1, channels)), dtype)
+
+
+def max_blur_pool(x: jax.Array) -> jax.Array:
+    """Anti-aliased pooling (Zhang 2019): [B, H, W, C] -> [B, H/2, W/2, C] for even H, W.
+
+    2x2 max pool with stride 1 (H -> H-1), then the fixed Pascal blur with stride 2 and
+    symmetric zero padding 1 (H-1 -> H/2). The blur is a constant, not a parameter.
+    """
+    x = nn.max_pool(x, (2, 2), strides=(1, 1), padding="VALID")
+    return jax.lax.conv_general_dilated(
+        x,
+        pascal_blur_kernel(x.shape[-1], x.dtype),
+        window_strides=(2, 2),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+class ScottTokenizer(nn.Module):
+    """SCOTT conv stem with masked-dense "sparse" convolutions (SPEC §1).
+
+    conv 7x7/2 (no bias) -> ReLU -> MaxBlurPool -> conv 7x7/2 (no bias) -> ReLU ->
+    MaxBlurPool: [B, S, S, 3] -> [B, (S/16)², D]. With a keep-mask, masked pixels are
+    zeroed at the input and every conv and MaxBlurPool output is re-masked at its own
+    resolution, so no information from a masked patch reaches any output and masked
+    tokens leave as exact zeros. The max pool *inside* MaxBlurPool is not re-masked
+    (faithful to the reference, SPEC §10.19). Without a mask the stem is dense.
+    """
+
+    embed_dim: int
+    img_size: int
+    stem_dim: int = 64
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, keep_mask: jax.Array | None = None) -> jax.Array:
+        grid = patch_grid(self.img_size, SCOTT_PATCH_SIZE)
+        check_inputs(images, keep_mask, self.img_size, grid)
+        batch = images.shape[0]
+        x = images.astype(self.dtype)
+        if keep_mask is None:
+
+            def remask(y):
+                return y
+        else:
+            active = keep_mask.reshape(batch, grid, grid).astype(self.dtype)
+
+            def remask(y):
+                return y * upsample_mask(active, y.shape[1])
+
+        x = remask(x)
+        for i, features in enumerate((self.stem_dim, self.embed_dim)):
+            x = nn.Conv(
+                features,
+                (7, 7),
+                strides=(2, 2),
+                padding=((3, 3), (3, 3)),
+                use_bias=False,
+                kernel_init=initializers.kaiming_normal,
+                dtype=self.dtype,
+                name=f"conv_{i}",
+            )(x)
+            x = nn.relu(remask(x))
+            x = remask(max_blur_pool(x))
+        return x.reshape(batch, grid * grid, self.embed_dim)
+
+
+class PatchEmbedTokenizer(nn.Module):
+    """ViT patch embedding (SPEC §2): conv p x p / p with bias; [B, S, S, 3] -> [B, (S/p)², D].
+
+    The keep-mask is accepted for a uniform interface and only validated: non-overlapping
+    patches need no pixel masking, the transformer swaps masked tokens for the mask token.
+    """
+
+    embed_dim: int
+    img_size: int
+    patch_size: int = 16
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, keep_mask: jax.Array | None = None) -> jax.Array:
+        grid = patch_grid(self.img_size, self.patch_size)
+        check_inputs(images, keep_mask, self.img_size, grid)
+        p = self.patch_size
+        x = nn.Conv(
+            self.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=initializers.kaiming_normal,
+            bias_init=initializers.torch_default_bias(p * p * images.shape[-1]),
+            dtype=self.dtype,
+            name="proj",
+        )(images.astype(self.dtype))
+        return x.reshape(images.shape[0], grid * grid, self.embed_dim)

@@ -1,0 +1,225 @@
+"""The SCOTT transformer (SPEC §3): CCT-style blocks over [B, N, D] tokens.
+
+Each block is x <- x + DropPath(Attn(LN(x))); x <- LN(x); x <- x + DropPath(FFN(x)), with
+non-affine LayerNorms (eps 1e-5) and no final norm. This is *not* a pre-norm ViT block:
+the residual stream itself is re-normalised mid-block (SPEC §3.2, §10.7).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from scott_jax.models import initializers
+
+LN_EPS = 1e-5
+LINEAR_STD = 0.02
+MASK_TOKEN_STD = 1e-6
+
+
+def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
+    """Non-affine LayerNorm over the last axis, computed in float32 (torch `F.layer_norm`)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [grid², D], row (h) half first (SPEC §3.4).
+
+    emb[r·grid + c] = [sin(rω), cos(rω), sin(cω), cos(cω)], ω_k = 10000^(-k/F), F = D/4.
+    Computed in float64 and returned as float32, like the reference.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    r = np.outer(rows.reshape(-1), omega)
+    c = np.outer(cols.reshape(-1), omega)
+    return np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1).astype(np.float32)
+
+
+def swiglu_hidden_dim(embed_dim: int) -> int:
+    """Nearest multiple of 128 to 8/3·D, numpy half-to-even rounding (1024 for D = 384)."""
+    hidden = int(128 * np.round(8 / 3 * embed_dim / 128))
+    if hidden <= 0:
+        raise ValueError(f"embed_dim {embed_dim} is too small for the SwiGLU FFN (hidden size 0)")
+    return hidden
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Per-sample stochastic depth: zero a sample's branch with prob `rate`, rescale the rest."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (SPEC §3.3)."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout: float = 0.0
+    out_init_std: float = LINEAR_STD
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        batch, length, dim = x.shape
+        if dim % self.num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {self.num_heads}")
+        head_dim = dim // self.num_heads
+        qkv = nn.Dense(
+            3 * dim, use_bias=False, kernel_init=initializers.normal(LINEAR_STD), dtype=self.dtype, name="qkv"
+        )(x)
+        q, k, v = (t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
+        out = nn.Dense(
+            dim, use_bias=False, kernel_init=initializers.normal(self.out_init_std), dtype=self.dtype, name="proj"
+        )(out)
+        return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
+
+
+class SwiGLU(nn.Module):
+    """SiLU(x W1) ⊙ (x W2) -> W3, no biases, no dropout (SPEC §3.3)."""
+
+    out_init_std: float = LINEAR_STD
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        del train  # No dropout in the SwiGLU FFN, as in the reference.
+        dim = x.shape[-1]
+        hidden = swiglu_hidden_dim(dim)
+        x12 = nn.Dense(
+            2 * hidden, use_bias=False, kernel_init=initializers.normal(LINEAR_STD), dtype=self.dtype, name="w12"
+        )(x)
+        x1, x2 = jnp.split(x12, 2, axis=-1)
+        return nn.Dense(
+            dim, use_bias=False, kernel_init=initializers.normal(self.out_init_std), dtype=self.dtype,
+            name="last_linear",
+        )(nn.silu(x1) * x2)
+
+
+class Mlp(nn.Module):
+    """Linear -> exact GELU -> dropout -> Linear -> dropout, no biases (the 'mlp' FFN)."""
+
+    mlp_ratio: float
+    dropout_rate: float = 0.0
+    out_init_std: float = LINEAR_STD
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        dim = x.shape[-1]
+        x = nn.Dense(
+            int(dim * self.mlp_ratio), use_bias=False, kernel_init=initializers.normal(LINEAR_STD),
+            dtype=self.dtype, name="linear1",
+        )(x)
+        x = nn.Dropout(self.dropout_rate)(nn.gelu(x, approximate=False), deterministic=not train)
+        x = nn.Dense(
+            dim, use_bias=False, kernel_init=initializers.normal(self.out_init_std), dtype=self.dtype,
+            name="last_linear",
+        )(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+
+class Block(nn.Module):
+    """CCT-style block (SPEC §3.2): output = LN(h) + FFN(LN(h)), h = x + Attn(LN(x))."""
+
+    num_heads: int
+    ffn_layer: str = "swiglu"
+    mlp_ratio: float = 4.0
+    dropout_rate: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    out_init_std: float = LINEAR_STD
+    dtype: jnp.dtype = jnp.float32
+
+    def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
+        if not train or self.drop_path_rate == 0.0:
+            return y
+        return drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        y = Attention(
+            self.num_heads, self.dropout_rate, self.attention_dropout, self.out_init_std, self.dtype, name="attn"
+        )(layer_norm(x), train=train)
+        x = layer_norm(x + self._drop_path(y, train))
+        if self.ffn_layer == "swiglu":
+            ffn = SwiGLU(self.out_init_std, self.dtype, name="ffn")
+        elif self.ffn_layer == "mlp":
+            ffn = Mlp(self.mlp_ratio, self.dropout_rate, self.out_init_std, self.dtype, name="ffn")
+        else:
+            raise ValueError(f"unknown ffn_layer {self.ffn_layer!r}; expected 'swiglu' or 'mlp'")
+        return x + self._drop_path(ffn(x, train=train), train)
+
+
+class Transformer(nn.Module):
+    """Token preparation + CCT blocks (SPEC §3.1-3.5): [B, N, D] -> [B, N, D].
+
+    Masked tokens (keep_mask == 0) are replaced by the learnable `mask_token`, register
+    tokens are prepended, the fixed sin-cos position embedding (a constant, zero for the
+    registers) is added, then position dropout and the blocks; registers are dropped at
+    the end. Block i's output projections start at std 0.02 / ∏_o √(2(i+1+o)) over
+    `rescale_offsets`: (0,) for the encoder, (0, backbone_depth) for the predictor's
+    faithful double rescale (SPEC §4, §10.4).
+    """
+
+    depth: int
+    num_heads: int
+    grid_size: int
+    ffn_layer: str = "swiglu"
+    mlp_ratio: float = 4.0
+    dropout_rate: float = 0.0
+    attention_dropout: float = 0.0
+    stochastic_depth_rate: float = 0.0
+    num_register_tokens: int = 0
+    use_mask_token: bool = True
+    rescale_offsets: Sequence[int] = (0,)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, keep_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        batch, length, dim = tokens.shape
+        if length != self.grid_size**2:
+            raise ValueError(f"expected {self.grid_size**2} tokens ({self.grid_size}x{self.grid_size}), got {length}")
+        x = tokens.astype(self.dtype)
+        if self.use_mask_token:
+            mask_token = self.param("mask_token", initializers.normal(MASK_TOKEN_STD), (1, 1, dim))
+            if keep_mask is not None:
+                x = jnp.where(keep_mask[..., None].astype(bool), x, mask_token.astype(self.dtype))
+        elif keep_mask is not None:
+            raise ValueError("this transformer has no mask token, so it cannot take a keep_mask")
+        pos_embed = sincos_pos_embed(dim, self.grid_size)
+        if self.num_register_tokens:
+            registers = self.param(
+                "registers", initializers.normal(LINEAR_STD), (1, self.num_register_tokens, dim)
+            )
+            x = jnp.concatenate([jnp.broadcast_to(registers, (batch,) + registers.shape[1:]).astype(self.dtype), x], 1)
+            pos_embed = np.concatenate([np.zeros((self.num_register_tokens, dim), np.float32), pos_embed])
+        x = x + jnp.asarray(pos_embed, self.dtype)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        drop_path_rates = np.linspace(0.0, self.stochastic_depth_rate, self.depth)
+        for i in range(self.depth):
+            divisor = float(np.prod([np.sqrt(2.0 * (i + 1 + o)) for o in self.rescale_offsets]))
+            x = Block(
+                num_heads=self.num_heads,
+                ffn_layer=self.ffn_layer,
+                mlp_ratio=self.mlp_ratio,
+                dropout_rate=self.dropout_rate,
+                attention_dropout=self.attention_dropout,
+                drop_path_rate=float(drop_path_rates[i]),
+                out_init_std=LINEAR_STD / divisor,
+                dtype=self.dtype,
+                name=f"block_{i}",
+            )(x, train=train)
+        return x[:, self.num_register_tokens :]

@@ -1,0 +1,34 @@
+"""Test setup: 8 host CPU devices (set before jax is imported) and tiny model configs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from scott_jax.models import build_encoder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_kwargs():
+    """A SCOTT small enough to compile in seconds: 64 px (4x4 tokens), depth 2, width 64."""
+    return dict(embed_dim=64, depth=2, num_heads=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_scott(tiny_encoder_kwargs):
+    return build_encoder("scott-7/16", 64, **tiny_encoder_kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tiny_encoder_kwargs):
+    return build_encoder("vit-7/16", 64, **tiny_encoder_kwargs)
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
