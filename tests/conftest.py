@@ -8,10 +8,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from scott_jax.models import build_encoder  # noqa: E402
+from scott_jax.models import build_encoder
 
 
 @pytest.fixture(scope="session")

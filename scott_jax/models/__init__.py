@@ -72,4 +72,12 @@ def build_predictor(encoder: Encoder, depth: int = 3, **overrides) -> Predictor:
     return Predictor(**{**kwargs, **overrides})
 
 
-__all__ = ["DEFAULTS", "VARIANTS", "Encoder", "Predictor", "build_encoder", "build_predictor", "encoder_kwargs"]
+__all__ = [
+    "DEFAULTS",
+    "VARIANTS",
+    "Encoder",
+    "Predictor",
+    "build_encoder",
+    "build_predictor",
+    "encoder_kwargs",
+]

@@ -34,10 +34,14 @@ def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
     Computed in float64 and returned as float32, like the reference.
     """
     if embed_dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}")
+        raise ValueError(
+            f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}"
+        )
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij"
+    )
     r = np.outer(rows.reshape(-1), omega)
     c = np.outer(cols.reshape(-1), omega)
     return np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1).astype(np.float32)
@@ -74,15 +78,25 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {self.num_heads}")
         head_dim = dim // self.num_heads
         qkv = nn.Dense(
-            3 * dim, use_bias=False, kernel_init=initializers.normal(LINEAR_STD), dtype=self.dtype, name="qkv"
+            3 * dim,
+            use_bias=False,
+            kernel_init=initializers.normal(LINEAR_STD),
+            dtype=self.dtype,
+            name="qkv",
         )(x)
-        q, k, v = (t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (
+            t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1)
+        )
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
         out = nn.Dense(
-            dim, use_bias=False, kernel_init=initializers.normal(self.out_init_std), dtype=self.dtype, name="proj"
+            dim,
+            use_bias=False,
+            kernel_init=initializers.normal(self.out_init_std),
+            dtype=self.dtype,
+            name="proj",
         )(out)
         return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
 
@@ -99,11 +113,18 @@ class SwiGLU(nn.Module):
         dim = x.shape[-1]
         hidden = swiglu_hidden_dim(dim)
         x12 = nn.Dense(
-            2 * hidden, use_bias=False, kernel_init=initializers.normal(LINEAR_STD), dtype=self.dtype, name="w12"
+            2 * hidden,
+            use_bias=False,
+            kernel_init=initializers.normal(LINEAR_STD),
+            dtype=self.dtype,
+            name="w12",
         )(x)
         x1, x2 = jnp.split(x12, 2, axis=-1)
         return nn.Dense(
-            dim, use_bias=False, kernel_init=initializers.normal(self.out_init_std), dtype=self.dtype,
+            dim,
+            use_bias=False,
+            kernel_init=initializers.normal(self.out_init_std),
+            dtype=self.dtype,
             name="last_linear",
         )(nn.silu(x1) * x2)
 
@@ -120,12 +141,18 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dim = x.shape[-1]
         x = nn.Dense(
-            int(dim * self.mlp_ratio), use_bias=False, kernel_init=initializers.normal(LINEAR_STD),
-            dtype=self.dtype, name="linear1",
+            int(dim * self.mlp_ratio),
+            use_bias=False,
+            kernel_init=initializers.normal(LINEAR_STD),
+            dtype=self.dtype,
+            name="linear1",
         )(x)
         x = nn.Dropout(self.dropout_rate)(nn.gelu(x, approximate=False), deterministic=not train)
         x = nn.Dense(
-            dim, use_bias=False, kernel_init=initializers.normal(self.out_init_std), dtype=self.dtype,
+            dim,
+            use_bias=False,
+            kernel_init=initializers.normal(self.out_init_std),
+            dtype=self.dtype,
             name="last_linear",
         )(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -151,7 +178,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         y = Attention(
-            self.num_heads, self.dropout_rate, self.attention_dropout, self.out_init_std, self.dtype, name="attn"
+            self.num_heads,
+            self.dropout_rate,
+            self.attention_dropout,
+            self.out_init_std,
+            self.dtype,
+            name="attn",
         )(layer_norm(x), train=train)
         x = layer_norm(x + self._drop_path(y, train))
         if self.ffn_layer == "swiglu":
@@ -188,10 +220,13 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, keep_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, keep_mask: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:
         batch, length, dim = tokens.shape
         if length != self.grid_size**2:
-            raise ValueError(f"expected {self.grid_size**2} tokens ({self.grid_size}x{self.grid_size}), got {length}")
+            grid = self.grid_size
+            raise ValueError(f"expected {grid**2} tokens ({grid}x{grid} grid), got {length}")
         x = tokens.astype(self.dtype)
         if self.use_mask_token:
             mask_token = self.param("mask_token", initializers.normal(MASK_TOKEN_STD), (1, 1, dim))
@@ -204,8 +239,13 @@ class Transformer(nn.Module):
             registers = self.param(
                 "registers", initializers.normal(LINEAR_STD), (1, self.num_register_tokens, dim)
             )
-            x = jnp.concatenate([jnp.broadcast_to(registers, (batch,) + registers.shape[1:]).astype(self.dtype), x], 1)
-            pos_embed = np.concatenate([np.zeros((self.num_register_tokens, dim), np.float32), pos_embed])
+            x = jnp.concatenate(
+                [jnp.broadcast_to(registers, (batch, *registers.shape[1:])).astype(self.dtype), x],
+                1,
+            )
+            pos_embed = np.concatenate(
+                [np.zeros((self.num_register_tokens, dim), np.float32), pos_embed]
+            )
         x = x + jnp.asarray(pos_embed, self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         drop_path_rates = np.linspace(0.0, self.stochastic_depth_rate, self.depth)

@@ -1,0 +1,198 @@
+"""AdamW with the reference's per-step LR / WD schedules, the EMA schedule and the EMA update.
+
+Step counting (SPEC §6.5, §10.18): optimizer steps are numbered k = 1..T and step k uses
+LR f(k) and WD g(k); the EMA update after step k uses m(k), so the last one has m = 1.0.
+optax calls a schedule with its 0-based update `count`, so every schedule here returns the
+value for k = count + 1. All schedules are pure functions of the step (no state to
+fast-forward on resume), traceable under `jax.jit`, and return float32.
+
+The train loop logs and uses the values of one step through `schedule_values`, which builds
+the same schedules that `make_optimizer` puts into the optax chain.
+"""
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+#: `kind` values of `ema_schedule` (the reference's `training.ema_schedule` config key).
+EMA_KINDS = ("linear", "cosine")
+
+
+def _check_total_steps(total_steps: int) -> None:
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+
+
+def _step(count) -> jax.Array:
+    """optax's 0-based `count` -> the reference's 1-based step k, as float32."""
+    return (jnp.asarray(count) + 1).astype(jnp.float32)
+
+
+def _linear(k: jax.Array, total: int, start: float, final: float) -> jax.Array:
+    """start + (k / max(1, total))·(final − start): the reference's `LinearScheduler`."""
+    return start + (k / max(1, total)) * (final - start)
+
+
+def _cosine(progress: jax.Array, start: float, final: float) -> jax.Array:
+    """Half-cosine from `start` (progress 0) to `final` (progress 1), clamped at `final`.
+
+    The clamp is on the side of `final` that `start` is not on, as in the reference's
+    `CosineScheduler`; it only matters for progress > 1, which training never reaches.
+    """
+    value = final + (start - final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    return jnp.maximum(value, final) if final <= start else jnp.minimum(value, final)
+
+
+def lr_schedule(
+    total_steps: int,
+    warmup_steps: int,
+    lr_start: float,
+    lr_peak: float,
+    lr_final: float,
+    flat_pctg: float,
+) -> optax.Schedule:
+    """The explore–exploit LR f(count + 1): linear warmup → flat → cosine (SPEC §6.5).
+
+    With W = warmup_steps, S = T − W, Fl = int(S·flat_pctg) and C = S − Fl, step k uses
+    - k < W: lr_start + (k/W)·(lr_peak − lr_start), so step 1 already exceeds lr_start;
+    - j = k − W < Fl: lr_peak;
+    - otherwise the half-cosine from lr_peak to lr_final over (j − Fl)/max(1, C), which
+      reaches lr_final at k = T (and stays at lr_peak there if flat_pctg = 1).
+    Fl and C are computed in Python exactly as the reference does (`int` truncation).
+    """
+    _check_total_steps(total_steps)
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
+        )
+    if not 0.0 <= flat_pctg <= 1.0:
+        raise ValueError(f"flat_pctg must be in [0, 1], got {flat_pctg}")
+    decay_steps = total_steps - warmup_steps
+    flat_steps = int(decay_steps * flat_pctg)
+    cosine_steps = decay_steps - flat_steps
+
+    def schedule(count) -> jax.Array:
+        k = _step(count)
+        j = k - warmup_steps
+        warmup = _linear(k, warmup_steps, lr_start, lr_peak)
+        cosine = _cosine((j - flat_steps) / max(1, cosine_steps), lr_peak, lr_final)
+        return jnp.where(k < warmup_steps, warmup, jnp.where(j < flat_steps, lr_peak, cosine))
+
+    return schedule
+
+
+def wd_schedule(total_steps: int, wd_start: float, wd_final: float) -> optax.Schedule:
+    """Weight decay g(count + 1) = wd_start + (k/T)·(wd_final − wd_start) (SPEC §6.5).
+
+    It starts one step above wd_start and reaches wd_final at the last step k = T.
+    """
+    _check_total_steps(total_steps)
+    return lambda count: _linear(_step(count), total_steps, wd_start, wd_final)
+
+
+def ema_schedule(
+    total_steps: int, ema_start: float, ema_final: float, kind: str = "linear"
+) -> optax.Schedule:
+    """EMA momentum m(count + 1) for the target-encoder update after step k (SPEC §6.6).
+
+    `kind='linear'` (the reference config): ema_start + (k/T)·(ema_final − ema_start), so the
+    first update already uses k = 1 (the reference's scheduler is never reset) and the
+    last one uses ema_final exactly. `kind='cosine'` is the reference's alternative
+    `CosineScheduler` over progress k/T.
+    """
+    _check_total_steps(total_steps)
+    if kind == "linear":
+        return lambda count: _linear(_step(count), total_steps, ema_start, ema_final)
+    if kind == "cosine":
+        return lambda count: _cosine(_step(count) / total_steps, ema_start, ema_final)
+    raise ValueError(f"unknown EMA schedule kind {kind!r}; expected one of {EMA_KINDS}")
+
+
+def decay_mask(params) -> object:
+    """Pytree of bools over `params`, True where weight decay applies (SPEC §6.4, §10.17).
+
+    The reference's rule on parameter names: no decay if the name contains "bias" or the
+    tensor is 1-D. Here a leaf is not decayed if its key path contains "bias" or its
+    ndim <= 1 (the models have no 0-d parameters, so this equals the reference's `== 1`).
+    So LayerNorm scale / bias and Dense / conv biases are excluded, while conv and Dense
+    kernels and the 3-D `mask_token` and `registers` are decayed, as in the reference.
+
+    Constants are never decayed because they are not parameters: the sin-cos position
+    embedding and the tokenizer's blur kernel are computed in the models, and the predictor
+    has no (unused) mask token. This matters because torch AdamW skips gradient-less
+    parameters entirely, whereas optax would decay them.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: "bias" not in jax.tree_util.keystr(path) and jnp.ndim(leaf) > 1,
+        params,
+    )
+
+
+def make_optimizer(
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    lr_start: float,
+    lr_peak: float,
+    lr_final: float,
+    flat_pctg: float,
+    wd_start: float,
+    wd_final: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """torch AdamW with scheduled LR and WD: p ← p − lr_k·wd_k·p·mask − lr_k·adam_k (SPEC §6.4).
+
+    adam_k = m̂/(√v̂ + eps) with bias-corrected moments, as torch computes it. The decoupled
+    decay is added to the Adam direction before the LR scaling, so both are multiplied by
+    lr_k like torch's p·(1 − lr·wd). `add_decayed_weights` takes the WD schedule directly
+    (it keeps its own step counter, in step with the LR's), and `decay_mask` limits it to
+    the decayed group. The state is a tuple of NamedTuples of arrays (orbax-checkpointable).
+    """
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(wd_schedule(total_steps, wd_start, wd_final), mask=decay_mask),
+        optax.scale_by_learning_rate(
+            lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
+        ),
+    )
+
+
+def schedule_values(
+    count,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    lr_start: float,
+    lr_peak: float,
+    lr_final: float,
+    flat_pctg: float,
+    wd_start: float,
+    wd_final: float,
+    ema_start: float,
+    ema_final: float,
+    ema_kind: str = "linear",
+) -> dict[str, jax.Array]:
+    """LR, WD and EMA momentum used by the update with optax count `count` (step count + 1).
+
+    The train step calls it with the number of updates already done: `lr` and `wd` are the
+    values `make_optimizer` applies in that update (for logging) and `ema` is the momentum
+    for the EMA update that follows it. Takes the schedule arguments of `make_optimizer`.
+    """
+    lr = lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
+    wd = wd_schedule(total_steps, wd_start, wd_final)
+    ema = ema_schedule(total_steps, ema_start, ema_final, ema_kind)
+    return {"lr": lr(count), "wd": wd(count), "ema": ema(count)}
+
+
+def ema_update(target_params, online_params, momentum) -> object:
+    """θ̄ ← m·θ̄ + (1 − m)·θ over matching pytrees (SPEC §6.2 step 7, §6.6).
+
+    `momentum` is a scalar (Python float or traced array); the target keeps its dtypes.
+    """
+    update: Callable = lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype)
+    return jax.tree.map(update, target_params, online_params)

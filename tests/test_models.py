@@ -1,0 +1,244 @@
+"""Model library: parameter counts, shapes, masking invariants, init, sharding."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from scott_jax.models import VARIANTS, build_encoder, build_predictor
+from scott_jax.models.tokenizers import ScottTokenizer, max_blur_pool
+from scott_jax.models.transformer import sincos_pos_embed, swiglu_hidden_dim
+
+# SPEC §3.6 / §4: trainable parameters, mask token included, position embedding excluded.
+PARAM_COUNTS = {
+    "scott-3/16": 6_522_432,
+    "scott-7/16": 13_600_320,
+    "scott-9/16": 17_139_264,
+    "scott-12/16": 22_447_680,
+    "vit-7/16": 12_681_984,
+    "vit-12/16": 21_529_344,
+}
+PREDICTOR_DEPTH3_PARAMS = 5_457_024
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(module, *inputs):
+    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+
+
+def random_keep_mask(key, batch, num_patches, num_kept):
+    scores = jax.random.uniform(key, (batch, num_patches))
+    ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+    return (ranks < num_kept).astype(jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    keep_mask = random_keep_mask(jax.random.key(2), 2, 16, 7)
+    return images, keep_mask
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parameter_counts_match_the_paper(variant):
+    encoder = build_encoder(variant, 224)
+    params = abstract_params(encoder, jnp.zeros((1, 224, 224, 3)))
+    assert count(params) == PARAM_COUNTS[variant]
+    assert "pos_embed" not in str(jax.tree_util.tree_structure(params))
+
+
+def test_predictor_parameter_count():
+    predictor = build_predictor(build_encoder("scott-12/16", 224))
+    params = abstract_params(predictor, jnp.zeros((1, 196, 384)))
+    assert count(params) == PREDICTOR_DEPTH3_PARAMS
+    assert "mask_token" not in params["transformer"]  # SPEC §10.5: never used, not created
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("img_size", [64, 224])
+def test_output_shapes_for_every_variant(variant, img_size):
+    encoder = build_encoder(variant, img_size)
+    grid = img_size // 16
+    images = jnp.zeros((2, img_size, img_size, 3))
+    keep_mask = jnp.ones((2, grid * grid), jnp.int32)
+    variables = jax.eval_shape(encoder.init, jax.random.key(0), images)
+    out = jax.eval_shape(encoder.apply, variables, images, keep_mask)
+    assert out.shape == (2, grid * grid, 384)
+    predictor = build_predictor(encoder)
+    pvars = jax.eval_shape(predictor.init, jax.random.key(0), out)
+    assert jax.eval_shape(predictor.apply, pvars, out).shape == out.shape
+
+
+def test_tokenizer_stage_sizes():
+    """224 -> 112 -> 111 -> 56 -> 28 -> 27 -> 14 (SPEC §1.1); max-blur-pool halves even sizes."""
+    assert max_blur_pool(jnp.zeros((1, 112, 112, 2))).shape == (1, 56, 56, 2)
+    assert max_blur_pool(jnp.zeros((1, 28, 28, 2))).shape == (1, 14, 14, 2)
+    tokenizer = ScottTokenizer(embed_dim=8, img_size=224)
+    variables = jax.eval_shape(tokenizer.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert variables["params"]["conv_0"]["kernel"].shape == (7, 7, 3, 64)
+    assert variables["params"]["conv_1"]["kernel"].shape == (7, 7, 64, 8)
+
+
+@pytest.mark.parametrize("img_size", [72, 100, 0])
+def test_bad_image_size_is_a_clear_error(img_size):
+    with pytest.raises(ValueError, match=rf"image size {img_size} .*patch size 16.*grid"):
+        build_encoder("scott-7/16", img_size)
+
+
+def test_wrong_input_shapes_are_clear_errors(tiny_scott):
+    images = jnp.zeros((2, 64, 64, 3))
+    variables = tiny_scott.init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="img_size=64"):
+        tiny_scott.apply(variables, jnp.zeros((2, 96, 96, 3)))
+    with pytest.raises(ValueError, match=r"keep_mask must have shape \[B, N\] = \[2, 16\]"):
+        tiny_scott.apply(variables, images, jnp.ones((2, 15)))
+
+
+def test_unknown_variant_and_field():
+    with pytest.raises(ValueError, match="unknown variant"):
+        build_encoder("scott-5/16", 224)
+    with pytest.raises(TypeError, match="unknown encoder fields"):
+        build_encoder("scott-7/16", 224, dept=3)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_masked_pixels_never_reach_any_output(tiny_scott, batch, train):
+    """Any change of the pixels of masked patches leaves every output token unchanged."""
+    images, keep_mask = batch
+    variables = tiny_scott.init(jax.random.key(0), images)
+    pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
+    noise = 100.0 * jax.random.normal(jax.random.key(3), images.shape)
+    perturbed = jnp.where(pixel_keep == 1, images, noise)
+    assert not np.allclose(perturbed, images)
+    rngs = {"dropout": jax.random.key(4), "drop_path": jax.random.key(5)}
+    out = tiny_scott.apply(variables, images, keep_mask, train=train, rngs=rngs)
+    out_perturbed = tiny_scott.apply(variables, perturbed, keep_mask, train=train, rngs=rngs)
+    np.testing.assert_array_equal(out, out_perturbed)
+    # The same perturbation without a mask does change the output: the test can fail.
+    assert not np.allclose(tiny_scott.apply(variables, perturbed), tiny_scott.apply(variables, images))
+
+
+def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, batch):
+    images, keep_mask = batch
+    variables = tiny_scott.init(jax.random.key(0), images)
+    _, state = tiny_scott.apply(variables, images, keep_mask, mutable=["intermediates"])
+    tokens = np.asarray(state["intermediates"]["tokens"][0])
+    masked = np.asarray(keep_mask) == 0
+    assert np.all(tokens[masked] == 0.0)
+    assert np.all(np.abs(tokens[~masked]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("name", ["tiny_scott", "tiny_vit"])
+def test_full_keep_mask_equals_no_mask(name, batch, request):
+    encoder = request.getfixturevalue(name)
+    images, _ = batch
+    variables = encoder.init(jax.random.key(0), images)
+    full = encoder.apply(variables, images, jnp.ones((2, 16), jnp.int32))
+    np.testing.assert_array_equal(full, encoder.apply(variables, images))
+
+
+def test_vit_mask_replaces_tokens_with_the_mask_token(tiny_vit, batch):
+    """ViT: the masked patch content is invisible at token level (SPEC §2)."""
+    images, keep_mask = batch
+    variables = tiny_vit.init(jax.random.key(0), images)
+    pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
+    perturbed = jnp.where(pixel_keep == 1, images, -images)
+    np.testing.assert_array_equal(
+        tiny_vit.apply(variables, images, keep_mask), tiny_vit.apply(variables, perturbed, keep_mask)
+    )
+
+
+def test_train_mode_is_stochastic_and_eval_is_not(tiny_scott, batch):
+    images, keep_mask = batch
+    variables = tiny_scott.init(jax.random.key(0), images)
+
+    def run(seed):
+        rngs = {"dropout": jax.random.key(seed), "drop_path": jax.random.key(seed + 1)}
+        return tiny_scott.apply(variables, images, keep_mask, train=True, rngs=rngs)
+
+    np.testing.assert_array_equal(run(0), run(0))
+    assert not np.allclose(run(0), run(10))
+    np.testing.assert_array_equal(
+        tiny_scott.apply(variables, images), tiny_scott.apply(variables, images)
+    )
+
+
+def test_position_embedding_puts_the_row_first():
+    emb = sincos_pos_embed(16, 3)  # F = 4 frequencies per quarter
+    omega = 1.0 / 10000 ** (np.arange(4) / 4)
+    r, c = 2, 1
+    expected = np.concatenate(
+        [np.sin(r * omega), np.cos(r * omega), np.sin(c * omega), np.cos(c * omega)]
+    )
+    np.testing.assert_allclose(emb[r * 3 + c], expected, rtol=1e-6)
+    assert emb.dtype == np.float32
+
+
+def test_swiglu_hidden_dim():
+    assert swiglu_hidden_dim(384) == 1024
+    assert swiglu_hidden_dim(64) == 128
+    assert swiglu_hidden_dim(768) == 2048
+
+
+def test_init_matches_the_reference_distributions():
+    """SPEC §1.1, §3.5, §4: Kaiming convs, N(0, 0.02) linears, per-block output rescale."""
+    encoder = build_encoder("scott-3/16", 64)
+    params = encoder.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    conv0 = params["tokenizer"]["conv_0"]["kernel"]
+    conv1 = params["tokenizer"]["conv_1"]["kernel"]
+    np.testing.assert_allclose(conv0.std(), np.sqrt(2 / 147), rtol=0.05)
+    np.testing.assert_allclose(conv1.std(), np.sqrt(2 / 3136), rtol=0.02)
+    blocks = params["transformer"]
+    np.testing.assert_allclose(blocks["block_0"]["attn"]["qkv"]["kernel"].std(), 0.02, rtol=0.02)
+    for i in range(3):
+        scale = np.sqrt(2 * (i + 1))
+        proj = blocks[f"block_{i}"]["attn"]["proj"]["kernel"]
+        last = blocks[f"block_{i}"]["ffn"]["last_linear"]["kernel"]
+        np.testing.assert_allclose(proj.std(), 0.02 / scale, rtol=0.03)
+        np.testing.assert_allclose(last.std(), 0.02 / scale, rtol=0.03)
+    assert np.abs(blocks["mask_token"]).max() < 1e-5
+
+    predictor = build_predictor(encoder)
+    pparams = predictor.init(jax.random.key(1), jnp.zeros((1, 16, 384)))["params"]
+    for i in range(3):
+        double = np.sqrt(2 * (i + 1)) * np.sqrt(2 * (i + 1 + 3))
+        proj = pparams["transformer"][f"block_{i}"]["attn"]["proj"]["kernel"]
+        np.testing.assert_allclose(proj.std(), 0.02 / double, rtol=0.03)
+    single = build_predictor(encoder, double_rescale=False)
+    sparams = single.init(jax.random.key(1), jnp.zeros((1, 16, 384)))["params"]
+    proj = sparams["transformer"]["block_0"]["attn"]["proj"]["kernel"]
+    np.testing.assert_allclose(proj.std(), 0.02 / np.sqrt(2 * 4), rtol=0.03)
+    head = pparams["head"]
+    bound = 1 / np.sqrt(384)
+    assert np.abs(head["kernel"]).max() <= bound and head["kernel"].max() > 0.9 * bound
+    assert np.abs(head["bias"]).max() <= bound and np.abs(head["bias"]).max() > 0.5 * bound
+
+
+def test_sharded_forward_on_8_devices_equals_single_device(tiny_scott):
+    assert jax.device_count() == 8
+    images = jax.random.normal(jax.random.key(1), (8, 64, 64, 3))
+    keep_mask = random_keep_mask(jax.random.key(2), 8, 16, 7)
+    variables = tiny_scott.init(jax.random.key(0), images)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    forward = jax.jit(
+        lambda v, x, m: tiny_scott.apply(v, x, m),
+        in_shardings=(replicated, data, data),
+        out_shardings=data,
+    )
+    sharded = forward(
+        jax.device_put(variables, replicated),
+        jax.device_put(images, data),
+        jax.device_put(keep_mask, data),
+    )
+    assert len(sharded.sharding.device_set) == 8
+    chex.assert_trees_all_close(
+        np.asarray(sharded), np.asarray(tiny_scott.apply(variables, images, keep_mask)), atol=1e-5
+    )
