@@ -11,8 +11,8 @@ the same schedules that `make_optimizer` puts into the optax chain.
 """
 
 import math
-from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -26,7 +26,7 @@ def _check_total_steps(total_steps: int) -> None:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
 
 
-def _step(count) -> jax.Array:
+def _step(count: chex.Numeric) -> jax.Array:
     """optax's 0-based `count` -> the reference's 1-based step k, as float32."""
     return (jnp.asarray(count) + 1).astype(jnp.float32)
 
@@ -74,7 +74,7 @@ def lr_schedule(
     flat_steps = int(decay_steps * flat_pctg)
     cosine_steps = decay_steps - flat_steps
 
-    def schedule(count) -> jax.Array:
+    def schedule(count: chex.Numeric) -> jax.Array:
         k = _step(count)
         j = k - warmup_steps
         warmup = _linear(k, warmup_steps, lr_start, lr_peak)
@@ -111,7 +111,7 @@ def ema_schedule(
     raise ValueError(f"unknown EMA schedule kind {kind!r}; expected one of {EMA_KINDS}")
 
 
-def decay_mask(params) -> object:
+def decay_mask(params: chex.ArrayTree) -> chex.ArrayTree:
     """Pytree of bools over `params`, True where weight decay applies (SPEC §6.4, §10.17).
 
     The reference's rule on parameter names: no decay if the name contains "bias" or the
@@ -163,7 +163,7 @@ def make_optimizer(
 
 
 def schedule_values(
-    count,
+    count: chex.Numeric,
     *,
     total_steps: int,
     warmup_steps: int,
@@ -189,10 +189,15 @@ def schedule_values(
     return {"lr": lr(count), "wd": wd(count), "ema": ema(count)}
 
 
-def ema_update(target_params, online_params, momentum) -> object:
+def ema_update(
+    target_params: chex.ArrayTree, online_params: chex.ArrayTree, momentum: chex.Numeric
+) -> chex.ArrayTree:
     """θ̄ ← m·θ̄ + (1 − m)·θ over matching pytrees (SPEC §6.2 step 7, §6.6).
 
     `momentum` is a scalar (Python float or traced array); the target keeps its dtypes.
     """
-    update: Callable = lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype)
-    return jax.tree.map(update, target_params, online_params)
+    return jax.tree.map(
+        lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype),
+        target_params,
+        online_params,
+    )

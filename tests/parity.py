@@ -30,7 +30,9 @@ def parity_errors(group: Mapping[str, np.ndarray], images, keep_mask) -> dict[st
     predictor_depth = arch.pop("predictor_depth")
     encoder, encoder_params = from_torch(encoder_sd, "encoder", **arch)
     predictor, predictor_params = from_torch(
-        predictor_sd, "predictor", **{**arch, "depth": predictor_depth, "backbone_depth": arch["depth"]}
+        predictor_sd,
+        "predictor",
+        **{**arch, "depth": predictor_depth, "backbone_depth": arch["depth"]},
     )
     ours = {}
     for name, mask in (("masked", keep_mask), ("dense", None)):

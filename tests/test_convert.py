@@ -28,7 +28,12 @@ def group(fixture, model):
 def test_converted_weights_reproduce_the_reference(fixture, model):
     errors = parity_errors(group(fixture, model), fixture["images"], fixture["keep_mask"])
     assert set(errors) == {
-        "tokens_masked", "tokens_dense", "encoder_masked", "encoder_dense", "predictor", "loss"
+        "tokens_masked",
+        "tokens_dense",
+        "encoder_masked",
+        "encoder_dense",
+        "predictor",
+        "loss",
     }
     assert max(errors.values()) <= TOLERANCE, errors
 
@@ -89,5 +94,5 @@ def test_pth_file_round_trip(fixture, tmp_path):
 
 def test_missing_checkpoint_file(fixture):
     arch, _ = encoder_inputs(fixture)
-    with pytest.raises(FileNotFoundError, match="no_such.pth"):
+    with pytest.raises(FileNotFoundError, match=r"no_such\.pth"):
         from_torch("no_such.pth", "encoder", **arch)

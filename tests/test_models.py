@@ -121,7 +121,9 @@ def test_masked_pixels_never_reach_any_output(tiny_scott, batch, train):
     out_perturbed = tiny_scott.apply(variables, perturbed, keep_mask, train=train, rngs=rngs)
     np.testing.assert_array_equal(out, out_perturbed)
     # The same perturbation without a mask does change the output: the test can fail.
-    assert not np.allclose(tiny_scott.apply(variables, perturbed), tiny_scott.apply(variables, images))
+    assert not np.allclose(
+        tiny_scott.apply(variables, perturbed), tiny_scott.apply(variables, images)
+    )
 
 
 def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, batch):
@@ -150,7 +152,8 @@ def test_vit_mask_replaces_tokens_with_the_mask_token(tiny_vit, batch):
     pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
     perturbed = jnp.where(pixel_keep == 1, images, -images)
     np.testing.assert_array_equal(
-        tiny_vit.apply(variables, images, keep_mask), tiny_vit.apply(variables, perturbed, keep_mask)
+        tiny_vit.apply(variables, images, keep_mask),
+        tiny_vit.apply(variables, perturbed, keep_mask),
     )
 
 

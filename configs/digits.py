@@ -1,0 +1,26 @@
+"""Offline default: MIM-JEPA on scikit-learn's 1,797 hand-written digits (no download).
+
+    python launch.py --config configs/digits.py --workdir runs/digits
+
+A small SCOTT (depth 3, width 128) at 64 px (a 4x4 patch grid, 7 of 16 patches kept), so it
+trains on a laptop CPU in minutes. Used by the tests and by the README's digits results.
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.get_config()
+    config.variant = "scott-3/16"
+    config.img_size = 64
+    config.model.embed_dim = 128
+    config.model.num_heads = 4
+    config.predictor.depth = 2
+    config.batch_size = 64
+    config.num_epochs = 30
+    config.optim.lr_warmup_epochs = 3.0
+    config.data.name = "digits"
+    config.data.crop_scale = (0.6, 1.0)
+    config.checkpoint_every_steps = 200
+    config.log_every_steps = 20
+    return config

@@ -1,0 +1,33 @@
+"""Pretrain with MIM-JEPA: `python launch.py --config configs/flowers.py --workdir runs/flowers`.
+
+Any config field can be overridden with a dotted flag, e.g. `--config.optim.lr_peak=1e-4` or
+`--config.variant=scott-7/16`; a misspelt field is an error. Re-running the same command on
+the same workdir resumes from its latest checkpoint.
+"""
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (a get_config() module).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from scott_jax.train import train_and_evaluate
+
+    logging.getLogger().setLevel(logging.INFO)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

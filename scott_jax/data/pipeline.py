@@ -1,0 +1,156 @@
+"""Batches for pretraining and evaluation: shuffle, augment, batch, split across hosts.
+
+Pretraining stream (``pretrain_batches``), the determinism contract: the batch of global step
+``s`` is a pure function of (seed, s, process_index, process_count) and the source. Epoch
+``e = s // steps_per_epoch`` is a permutation of the dataset seeded by (seed, e), cut into
+full batches (drop_last, SPEC §6.5); step ``s`` reads rows ``s % steps_per_epoch`` of it. Each
+example's augmentation is seeded by (seed, its position in the global stream). So a resumed run
+(``start_step=s``) needs no saved iterator state: it computes the epoch and offset of ``s``
+and skips at the *index* level, before anything is decoded or augmented, then yields exactly
+what the uninterrupted run yielded from step ``s`` on.
+
+Hosts: every process computes the same global batch of indices and keeps its own contiguous
+slice (``batch_size // process_count`` rows), so the global batch is the same for any number of
+processes; ``jax.make_array_from_process_local_data`` reassembles it on the mesh.
+
+The per-example work (gather, crop, flip, normalise) runs in a ``tf.data`` map with parallel
+calls and deterministic order; TensorFlow is kept off the GPU (``augment``).
+"""
+
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from scott_jax.data import augment
+from scott_jax.data.sources import Source
+
+# Mixed into the run seed so that shuffling and augmentation draw from different streams.
+_SHUFFLE_STREAM = 0x73687566  # "shuf"
+_AUGMENT_STREAM = 0x61756721  # "aug!"
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch, ⌊num_examples / batch_size⌋ (drop_last, SPEC §6.5)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the dataset ({num_examples} examples): "
+            "with drop_last an epoch has no full batch"
+        )
+    return steps
+
+
+def pretrain_batches(
+    source: Source,
+    *,
+    batch_size: int,
+    img_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    aug: str = "none",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite stream of this host's part of each global pretraining batch, from ``start_step``.
+
+    Yields numpy dicts with b = batch_size // process_count rows:
+      'context': float32 [b, img_size, img_size, 3], the context (masked) view;
+      'target':  float32 [b, img_size, img_size, 3], the target view;
+      'label':   int32 [b], for the online probe only (SPEC §6.7).
+    Both views come from one RandomResizedCrop + flip of the image and differ only by their
+    colour augmentation ``aug`` (SPEC §6.2, §7.1). Errors are raised here, not at the first
+    ``next``.
+    """
+    lo, hi = _local_rows(batch_size, process_index, process_count)
+    epoch_steps = steps_per_epoch(source.num_examples, batch_size)
+    augment.check_aug(aug)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    start_epoch, start_offset = divmod(start_step, epoch_steps)
+    shuffle_key = tf.constant([seed, _SHUFFLE_STREAM], tf.int64)
+    augment_key = tf.constant([seed, _AUGMENT_STREAM], tf.int64)
+    num_examples = source.num_examples
+
+    def epoch_rows(epoch):
+        """(index, stream position) of this host's examples in epoch ``epoch``, from the start."""
+        key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num_examples, dtype=tf.int64), key
+        )
+        index = tf.reshape(order[: epoch_steps * batch_size], [epoch_steps, batch_size])
+        first = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64), 0)
+        steps = epoch * epoch_steps + tf.range(first, epoch_steps, dtype=tf.int64)  # [S]
+        position = steps[:, None] * batch_size + tf.range(lo, hi, dtype=tf.int64)  # [S, b]
+        index = index[first:, lo:hi]  # [S, b]
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.reshape(index, [-1]), tf.reshape(position, [-1]))
+        )
+
+    images = tf.constant(source.images)
+    labels = tf.constant(source.labels)
+
+    def example(index, position):
+        seed_pair = tf.random.experimental.stateless_fold_in(augment_key, position)
+        context, target = augment.two_views(
+            tf.gather(images, index), seed_pair, size=img_size, crop_scale=crop_scale, aug=aug
+        )
+        return {"context": context, "target": target, "label": tf.gather(labels, index)}
+
+    ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_rows)
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(hi - lo, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(
+    source: Source,
+    *,
+    batch_size: int,
+    img_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example exactly once, in order, with the eval transform (SPEC §7.2).
+
+    ``ceil(N / batch_size)`` global batches, the last padded to full size so every batch has the
+    same static shape and every host the same number of batches. Yields numpy dicts with
+    b = batch_size // process_count rows (this host's slice of each global batch):
+      'image': float32 [b, img_size, img_size, 3];
+      'label': int32 [b];
+      'mask':  bool [b], False on padding (which repeats example 0), so metrics weight by it.
+    """
+    lo, hi = _local_rows(batch_size, process_index, process_count)
+    num_batches = -(-source.num_examples // batch_size)
+    position = np.arange(num_batches * batch_size).reshape(num_batches, batch_size)[:, lo:hi]
+    mask = position.reshape(-1) < source.num_examples
+    index = np.where(mask, position.reshape(-1), 0)
+    images = tf.constant(source.images)
+    labels = tf.constant(source.labels)
+
+    def example(i, valid):
+        image = augment.normalize(augment.eval_transform(tf.gather(images, i), img_size))
+        return {"image": image, "label": tf.gather(labels, i), "mask": valid}
+
+    ds = tf.data.Dataset.from_tensor_slices((index, mask))
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(hi - lo, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+
+def _local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[lo, hi): the rows of each global batch that process ``process_index`` feeds."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
+        )
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            f"global batch size {batch_size} must be a positive multiple of the process count "
+            f"{process_count}"
+        )
+    local = batch_size // process_count
+    return process_index * local, (process_index + 1) * local

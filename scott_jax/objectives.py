@@ -1,0 +1,50 @@
+"""MIM-JEPA objective (SPEC §6.2 steps 2 and 5): normalised targets and masked Smooth-L1.
+
+The target encoder sees the second view unmasked; its features are layer-normalised
+without affine parameters and detached. The loss compares the predictor's output with
+them only at masked positions (keep_mask == 0).
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from scott_jax.models.transformer import layer_norm
+
+
+def target_features(features: jax.Array) -> jax.Array:
+    """Regression targets: non-affine LayerNorm over D (eps 1e-5), no gradient (SPEC §6.2.2).
+
+    features [B, N, D] (target-encoder output on the unmasked target view) -> [B, N, D].
+    The same normalised features feed the online probe (SPEC §6.7).
+    """
+    return jax.lax.stop_gradient(layer_norm(features))
+
+
+def masked_smooth_l1(pred: jax.Array, target: jax.Array, keep_mask: chex.Array) -> jax.Array:
+    """The reference's `ReconstructionLoss` (SPEC §6.2 step 5): a float32 scalar.
+
+    pred, target [B, N, D]; keep_mask [B, N] (1 = visible, 0 = masked, any dtype).
+    With drop = 1 − keep:
+      ℓ = SmoothL1_β=1((pred − target)·drop)                             # [B, N, D]
+      per token  = (Σ_D ℓ + 1e-8) / D                                    # [B, N]
+      per sample = Σ_N per token / (Σ_N drop + 1e-8)                     # [B]
+      loss       = mean over B.
+    ((pred − target)·drop equals the reference's pred·drop − target·drop for a 0/1 mask.)
+    Kept positions give ℓ = 0 (but still add their 1e-8/D), so this is the mean over masked
+    tokens and channels, and pred receives gradient only at masked positions (a sample with
+    no masked token would add N/D, but masks have a static, nonzero count). Computed in
+    float32 whatever the input dtype: sums over N·D terms lose too much in bfloat16.
+    """
+    if pred.shape != target.shape or pred.ndim != 3 or keep_mask.shape != pred.shape[:2]:
+        raise ValueError(
+            f"expected pred and target [B, N, D] and keep_mask [B, N], got {pred.shape}, "
+            f"{target.shape} and {keep_mask.shape}"
+        )
+    drop = 1.0 - jnp.asarray(keep_mask, jnp.float32)
+    diff = (pred.astype(jnp.float32) - target.astype(jnp.float32)) * drop[..., None]
+    abs_diff = jnp.abs(diff)
+    elementwise = jnp.where(abs_diff < 1.0, 0.5 * diff * diff, abs_diff - 0.5)
+    per_token = (elementwise.sum(-1) + 1e-8) / pred.shape[-1]
+    per_sample = per_token.sum(-1) / (drop.sum(-1) + 1e-8)
+    return per_sample.mean()

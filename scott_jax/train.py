@@ -1,0 +1,448 @@
+"""MIM-JEPA pretraining (SPEC §6): models, sharded jitted step, and the resumable loop.
+
+Sections: schedule lengths -> models and optimizer -> train state -> the step -> input
+stream -> the loop (`train_and_evaluate`). The step is a module-level pure function; the
+loop only wires it to data, checkpoints and metric writers.
+
+Multi-device: one ('data',) mesh over all devices; the batch is sharded over it, the train
+state (params, optimizer state, EMA target) is replicated, and the same code runs on 1 or N
+devices and on many hosts (each host feeds its own slice of the global batch).
+"""
+
+import functools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from scott_jax import masking, objectives, optim
+from scott_jax.checkpoint import Checkpointer, preemption_guard
+from scott_jax.models import build_encoder, build_predictor
+from scott_jax.models.probes import SimpleAttentiveProbe
+from scott_jax.writers import MetricWriter, log_progress
+
+METHODS = ("mim_jepa",)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+def schedule_lengths(config: ml_collections.ConfigDict, num_examples: int) -> dict[str, int]:
+    """Epochs -> steps, the one place it happens (drop_last, as the reference; SPEC §6.5)."""
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the dataset ({num_examples} examples)"
+        )
+    if not 0 <= config.optim.lr_warmup_epochs <= config.num_epochs:
+        raise ValueError(
+            f"config.optim.lr_warmup_epochs={config.optim.lr_warmup_epochs} must lie in "
+            f"[0, config.num_epochs={config.num_epochs}]"
+        )
+    return dict(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=int(config.num_epochs * steps_per_epoch),
+        warmup_steps=int(config.optim.lr_warmup_epochs * steps_per_epoch),
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_models(config: ml_collections.ConfigDict):
+    """(encoder, predictor) from `config.variant`, `config.model.*` and `config.predictor.*`."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; expected one of {METHODS}")
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        known = list(COMPUTE_DTYPES)
+        raise ValueError(f"unknown compute_dtype {config.compute_dtype!r}; expected one of {known}")
+    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    encoder = build_encoder(
+        config.variant, config.img_size, dtype=COMPUTE_DTYPES[config.compute_dtype], **overrides
+    )
+    predictor = build_predictor(
+        encoder, depth=config.predictor.depth, double_rescale=config.predictor.double_rescale
+    )
+    return encoder, predictor
+
+
+def optimizer_kwargs(config: ml_collections.ConfigDict, lengths: dict[str, int]) -> dict:
+    """Arguments of `optim.make_optimizer` (and, with the EMA ones, `optim.schedule_values`)."""
+    o = config.optim
+    return dict(
+        total_steps=lengths["total_steps"],
+        warmup_steps=lengths["warmup_steps"],
+        lr_start=o.lr_start,
+        lr_peak=o.lr_peak,
+        lr_final=o.lr_final,
+        flat_pctg=o.lr_flat_pctg,
+        wd_start=o.wd_start,
+        wd_final=o.wd_final,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+    )
+
+
+# --------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs; a pytree of arrays (replicated over the mesh).
+
+    params: {'context_encoder': ..., 'predictor': ...}, trained by `opt_state`'s AdamW.
+    target_params: the EMA target encoder (same tree as the context encoder).
+    probe: {'params', 'opt_state'} of the online monitoring probe, or None when it is off.
+    """
+
+    step: jax.Array
+    params: dict
+    target_params: dict
+    opt_state: optax.OptState
+    probe: dict | None = None
+
+
+def create_train_state(rng, config, encoder, predictor, tx, probe=None, probe_tx=None):
+    """Fresh state: target encoder = copy of the context encoder (SPEC §6.1)."""
+    encoder_rng, predictor_rng, probe_rng = jax.random.split(rng, 3)
+    images = jnp.zeros((1, config.img_size, config.img_size, 3), jnp.float32)
+    context_params = encoder.init(encoder_rng, images)["params"]
+    features = jnp.zeros((1, encoder.num_patches, encoder.embed_dim), jnp.float32)
+    params = {
+        "context_encoder": context_params,
+        "predictor": predictor.init(predictor_rng, features)["params"],
+    }
+    probe_state = None
+    if probe is not None:
+        probe_params = probe.init(probe_rng, features)["params"]
+        probe_state = {"params": probe_params, "opt_state": probe_tx.init(probe_params)}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        target_params=jax.tree.map(jnp.copy, context_params),
+        opt_state=tx.init(params),
+        probe=probe_state,
+    )
+
+
+# --------------------------------------------------------------------------- step
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    encoder,
+    predictor,
+    tx,
+    schedules,
+    seed: int,
+    probe=None,
+    probe_tx=None,
+):
+    """One MIM-JEPA update (SPEC §6.2); returns (new state, metrics of this step).
+
+    batch: 'context', 'target' [B, S, S, 3] (two views of the same crop), 'keep_mask'
+    [B, N] (1 = visible), and 'label' [B] when the online probe is on. Randomness is
+    `fold_in(seed, step)`, so a resumed run draws the same dropout as an uninterrupted one.
+    """
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    keep_mask = batch["keep_mask"]
+    # 2. Targets: the EMA target encoder on the unmasked target view, LN'd, no gradient.
+    targets = objectives.target_features(
+        encoder.apply({"params": state.target_params}, batch["target"])
+    )
+
+    def loss_fn(params):
+        # 3-4. Context encoder on the masked context view, then the predictor, train mode.
+        enc_rng, pred_rng = jax.random.split(rng)
+        context = encoder.apply(
+            {"params": params["context_encoder"]},
+            batch["context"],
+            keep_mask,
+            train=True,
+            rngs=dict(zip(("dropout", "drop_path"), jax.random.split(enc_rng), strict=True)),
+        )
+        predicted = predictor.apply(
+            {"params": params["predictor"]},
+            context,
+            train=True,
+            rngs=dict(zip(("dropout", "drop_path"), jax.random.split(pred_rng), strict=True)),
+        )
+        return objectives.masked_smooth_l1(predicted, targets, keep_mask)
+
+    # 5-6. Loss, gradients, AdamW with the scheduled LR / WD.
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # 7. EMA of the context encoder into the target encoder, momentum m(k).
+    values = schedules(state.step)
+    target_params = optim.ema_update(state.target_params, params["context_encoder"], values["ema"])
+    metrics = {
+        "loss": loss,
+        **values,
+        "grad_norm/tokenizer": optax.tree.norm(grads["context_encoder"]["tokenizer"]),
+        "grad_norm/transformer": optax.tree.norm(grads["context_encoder"]["transformer"]),
+        "grad_norm/predictor": optax.tree.norm(grads["predictor"]),
+        "target_std": pooled_std(targets),
+    }
+    probe_state = state.probe
+    if probe is not None:
+        probe_state, probe_metrics = _probe_update(
+            state.probe, targets, batch["label"], probe, probe_tx, jax.random.fold_in(rng, 1)
+        )
+        metrics.update(probe_metrics)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        target_params=target_params,
+        opt_state=opt_state,
+        probe=probe_state,
+    )
+    return new_state, metrics
+
+
+def pooled_std(features: jax.Array) -> jax.Array:
+    """Collapse monitor: channel-mean of the batch std of mean-pooled features [B, N, D].
+
+    Near 0 means every image maps to the same representation (JEPA collapse).
+    """
+    return features.mean(axis=1).std(axis=0).mean()
+
+
+def _probe_update(probe_state, features, labels, probe, probe_tx, rng):
+    """SPEC §6.7: one step of the monitoring probe on the detached, LN'd target features."""
+
+    def loss_fn(params):
+        logits = probe.apply({"params": params}, features, train=True, rngs={"dropout": rng})
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe_state["params"])
+    updates, opt_state = probe_tx.update(grads, probe_state["opt_state"], probe_state["params"])
+    params = optax.apply_updates(probe_state["params"], updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return {"params": params, "opt_state": opt_state}, {
+        "probe/loss": loss,
+        "probe/train_top1": accuracy,
+    }
+
+
+# --------------------------------------------------------------------------- input
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D ('data',) mesh over `devices` (default: all), with classic sharding propagation."""
+    devices = jax.devices() if devices is None else devices
+    return jax.sharding.Mesh(
+        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def masked_batches(batches: Iterator[dict], config, grid: int, start_step: int) -> Iterator[dict]:
+    """Adds the step's keep-masks [b, N] to each host-local batch (a pure function of the step)."""
+    for step, batch in enumerate(batches, start=start_step):
+        mask = masking.keep_masks(
+            config.seed,
+            step,
+            batch["context"].shape[0],
+            grid,
+            config.mask.ratio,
+            mask_type=config.mask.type,
+            blocks_are=config.mask.blocks_are,
+            process_index=jax.process_index(),
+        )
+        yield {**batch, "keep_mask": mask.astype(np.int32)}
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+    """Runs `iterator` in a background thread so host work (masks, tf.data) overlaps the step."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except Exception as e:  # re-raised in the consumer, with its traceback
+            items.put(e)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """Host-local numpy batch -> global jax arrays sharded over the data axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+) -> TrainState:
+    """Pretrains with MIM-JEPA, resuming from the latest checkpoint in `workdir` if any.
+
+    stop_at_step: end this run (with a checkpoint) after that many total steps, as a
+    preemption would; re-running the same call continues from there.
+    """
+    from scott_jax.data import load_source, pretrain_batches  # TF only where data is read
+
+    workdir = os.fspath(workdir)
+    source = load_source(config.data.name, "pretrain", data_dir=config.data.data_dir)
+    lengths = schedule_lengths(config, source.num_examples)
+    total_steps = lengths["total_steps"]
+    encoder, predictor = build_models(config)
+    opt_kwargs = optimizer_kwargs(config, lengths)
+    tx = optim.make_optimizer(**opt_kwargs)
+    schedules = functools.partial(
+        optim.schedule_values,
+        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
+        ema_start=config.optim.ema_start,
+        ema_final=config.optim.ema_final,
+    )
+    probe = probe_tx = None
+    if config.online_probe:
+        probe = SimpleAttentiveProbe(source.num_classes)
+        probe_tx = optim.make_optimizer(**opt_kwargs)
+
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
+
+    init = jax.jit(
+        functools.partial(
+            create_train_state,
+            config=config,
+            encoder=encoder,
+            predictor=predictor,
+            tx=tx,
+            probe=probe,
+            probe_tx=probe_tx,
+        ),
+        out_shardings=replicated,
+    )
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        save_interval_steps=config.checkpoint_every_steps,
+    )
+    rng = jax.random.key(config.seed)
+    if checkpointer.latest_step() is None:
+        state = init(rng)
+        logging.info(
+            "Starting from scratch: %d steps (%d per epoch).",
+            total_steps,
+            lengths["steps_per_epoch"],
+        )
+    else:
+        state = checkpointer.restore(jax.eval_shape(init, rng))
+        logging.info("Resumed from step %d of %d.", int(state.step), total_steps)
+    start_step = int(state.step)
+
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            encoder=encoder,
+            predictor=predictor,
+            tx=tx,
+            schedules=schedules,
+            seed=config.seed,
+            probe=probe,
+            probe_tx=probe_tx,
+        ),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    local_batches = pretrain_batches(
+        source,
+        batch_size=config.batch_size,
+        img_size=config.img_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        crop_scale=tuple(config.data.crop_scale),
+        aug=config.data.aug,
+    )
+    batches = prefetch(masked_batches(local_batches, config, encoder.grid_size, start_step))
+    writer = MetricWriter(workdir) if jax.process_index() == 0 else None
+    last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    pending: list[tuple[int, dict]] = []
+    last_saved = start_step if checkpointer.latest_step() is not None else None
+    timer = (time.perf_counter(), start_step)
+
+    def flush(step: int) -> None:
+        """Fetches the metrics of the steps since the last flush; a non-finite loss stops."""
+        nonlocal pending, timer
+        if not pending:
+            return
+        rows = jax.device_get([m for _, m in pending])
+        for (s, _), row in zip(pending, rows, strict=True):
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(
+                    f"the loss became {row['loss']} at step {s}; stopping without saving. The "
+                    f"last good checkpoint is step {last_saved} in {workdir}/checkpoints. Try a "
+                    f"lower config.optim.lr_peak or config.compute_dtype='float32'."
+                )
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+        now = time.perf_counter()
+        images_per_sec = (step - timer[1]) * config.batch_size / max(now - timer[0], 1e-9)
+        seconds_left = (last_step - step) * config.batch_size / max(images_per_sec, 1e-9)
+        mean["images_per_sec"] = images_per_sec
+        if writer is not None:
+            writer.write(step, mean)
+        log_progress(
+            step, total_steps, images_per_sec, seconds_left, {k: mean[k] for k in ("loss", "lr")}
+        )
+        pending, timer = [], (now, step)
+
+    def save(step: int, force: bool) -> None:
+        nonlocal last_saved
+        flush(step)  # never checkpoint a state whose loss went non-finite
+        if checkpointer.save(step, state, config.to_dict(), force=force):
+            last_saved = step
+
+    with preemption_guard() as guard:
+        step = start_step
+        while step < last_step:
+            batch = to_global(next(batches), data_sharding)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            if step % config.log_every_steps == 0:
+                flush(step)
+            if checkpointer.should_save(step):
+                save(step, force=False)
+            if guard.requested:
+                logging.warning("Stop requested at step %d: saving a checkpoint.", step)
+                break
+        if last_saved != step:
+            save(step, force=True)
+        flush(step)
+    checkpointer.wait()
+    checkpointer.close()
+    if writer is not None:
+        writer.close()
+    return state

@@ -1,0 +1,68 @@
+"""Metric writers: one JSON line per logged step (easy to plot) plus TensorBoard scalars."""
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class MetricWriter:
+    """Appends `{"step": s, ...}` lines to `workdir/metrics.jsonl` and writes TensorBoard events.
+
+    Appending (not truncating) keeps the history of a run that was resumed; rows after the
+    resume step are what the resumed run wrote. Only process 0 should write.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            import tensorflow as tf  # already imported by the data pipeline
+
+            self._tf = tf
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": int(step), "time": time.time()}
+        row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            with self._tb.as_default(step=int(step)):
+                for key, value in row.items():
+                    if key not in ("step", "time"):
+                        self._tf.summary.scalar(key, value)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl`, in file order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def log_progress(
+    step: int, total: int, images_per_sec: float, seconds_left: float, metrics
+) -> None:
+    """One human-readable progress line: step, throughput, ETA and the main metrics."""
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+    shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+    logging.info(
+        "step %d/%d (%.1f%%) | %.1f img/s | ETA %s | %s",
+        step,
+        total,
+        100.0 * step / total,
+        images_per_sec,
+        eta,
+        shown,
+    )

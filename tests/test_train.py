@@ -1,0 +1,253 @@
+"""Train step and loop: sharding invariance, resume = uninterrupted, NaN guard, configs, CLI."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from scott_jax import masking, optim, train
+from scott_jax.checkpoint import Checkpointer
+from scott_jax.writers import read_metrics
+
+ROOT = Path(__file__).parents[1]
+CONFIG_FIELDS = (
+    "variant img_size batch_size num_epochs seed method data.name mask.type mask.ratio "
+    "optim.lr_peak checkpoint_every_steps log_every_steps"
+).split()
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT))
+    return module.get_config()
+
+
+def tiny_config(**overrides):
+    """The digits config shrunk to compile in seconds: 64 px, width 32, 1 block each."""
+    config = load_config("digits")
+    config.model.embed_dim = 32
+    config.model.depth = 1
+    config.model.num_heads = 2
+    config.predictor.depth = 1
+    config.batch_size = 16
+    config.num_epochs = 1
+    config.optim.lr_warmup_epochs = 0.1
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("name", ["digits", "flowers", "pets", "imagenet100"])
+def test_configs_have_the_documented_fields(name):
+    config = load_config(name)
+    for field in CONFIG_FIELDS:
+        node = config
+        for part in field.split("."):
+            node = node[part]
+    assert config.method == "mim_jepa"
+    encoder, _predictor = train.build_models(config)
+    assert encoder.img_size == config.img_size
+
+
+@pytest.mark.parametrize("name", ["flowers", "pets", "imagenet100"])
+def test_paper_configs_follow_the_paper(name):
+    config = load_config(name)
+    assert (config.variant, config.batch_size, config.num_epochs) == ("scott-12/16", 128, 300)
+    assert (config.img_size, config.mask.type, config.mask.ratio) == (224, "blockwise", 0.6)
+
+
+def test_schedule_lengths_match_the_worked_example():
+    """SPEC §6.5: Flowers full (8,189 images) at batch 64 -> ipe 127, T 38,100, W 5,080."""
+    config = load_config("flowers")
+    config.batch_size = 64
+    assert train.schedule_lengths(config, 8189) == dict(
+        steps_per_epoch=127, total_steps=38_100, warmup_steps=5_080
+    )
+    config.batch_size = 128
+    assert train.schedule_lengths(config, 8189)["total_steps"] == 18_900
+    config.batch_size = 10_000
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        train.schedule_lengths(config, 8189)
+
+
+def test_unknown_method_and_dtype_are_errors():
+    with pytest.raises(ValueError, match="unknown method"):
+        train.build_models(tiny_config(method="simclr"))
+    with pytest.raises(ValueError, match="unknown compute_dtype"):
+        train.build_models(tiny_config(compute_dtype="fp8"))
+
+
+def synthetic_batch(config, batch_size, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, config.img_size, config.img_size, 3)
+    grid = config.img_size // 16
+    return {
+        "context": rng.standard_normal(shape).astype(np.float32),
+        "target": rng.standard_normal(shape).astype(np.float32),
+        "keep_mask": masking.keep_masks(seed, 0, batch_size, grid, 0.6).astype(np.int32),
+        "label": rng.integers(0, 10, batch_size).astype(np.int32),
+    }
+
+
+def run_steps(config, devices, num_steps=2, online_probe=False):
+    """num_steps jitted train steps on a ('data',) mesh over `devices`; returns (state, metrics)."""
+    encoder, predictor = train.build_models(config)
+    lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
+    opt_kwargs = train.optimizer_kwargs(config, lengths)
+    tx = optim.make_optimizer(**opt_kwargs)
+    schedules = lambda count: optim.schedule_values(  # noqa: E731
+        count,
+        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
+        ema_start=0.996,
+        ema_final=1.0,
+    )
+    probe = train.SimpleAttentiveProbe(10) if online_probe else None
+    probe_tx = optim.make_optimizer(**opt_kwargs) if online_probe else None
+    mesh = train.make_mesh(devices)
+    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = jax.jit(
+        lambda rng: train.create_train_state(
+            rng, config, encoder, predictor, tx, probe=probe, probe_tx=probe_tx
+        ),
+        out_shardings=replicated,
+    )(jax.random.key(0))
+    step = jax.jit(
+        lambda s, b: train.train_step(
+            s,
+            b,
+            encoder=encoder,
+            predictor=predictor,
+            tx=tx,
+            schedules=schedules,
+            seed=0,
+            probe=probe,
+            probe_tx=probe_tx,
+        ),
+        in_shardings=(replicated, data),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    history = []
+    for i in range(num_steps):
+        batch = synthetic_batch(config, 8, seed=i)
+        if not online_probe:
+            batch.pop("label")
+        state, metrics = step(state, jax.device_put(batch, data))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def test_step_on_8_devices_equals_1_device():
+    config = tiny_config()
+    state8, metrics8 = run_steps(config, jax.devices())
+    state1, metrics1 = run_steps(config, jax.devices()[:1])
+    assert len(state8.step.sharding.device_set) == 8
+    for m8, m1 in zip(metrics8, metrics1, strict=True):
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    chex.assert_trees_all_close(
+        jax.device_get(state8.params), jax.device_get(state1.params), atol=1e-5, rtol=1e-5
+    )
+    chex.assert_trees_all_close(
+        jax.device_get(state8.target_params), jax.device_get(state1.target_params), atol=1e-5
+    )
+
+
+def test_step_updates_params_ema_and_probe():
+    config = tiny_config()
+    state, history = run_steps(config, jax.devices()[:1], num_steps=2, online_probe=True)
+    assert int(state.step) == 2
+    first = history[0]
+    assert np.isfinite(first["loss"]) and first["loss"] > 0
+    # Step 1 uses the warmup LR f(1) = lr_start + (peak - start)/W, and m(1) for the EMA.
+    np.testing.assert_allclose(
+        first["lr"],
+        config.optim.lr_start + (config.optim.lr_peak - config.optim.lr_start) / 2,
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(first["ema"], 0.996 + 0.004 / 20, rtol=1e-6)
+    assert {"probe/loss", "probe/train_top1", "grad_norm/tokenizer", "target_std"} <= set(first)
+    assert first["grad_norm/tokenizer"] > 0 and first["grad_norm/predictor"] > 0
+    # The target moved towards the context encoder, but only by (1 - m) of the way.
+    target = state.target_params["transformer"]["block_0"]["attn"]["qkv"]["kernel"]
+    context = state.params["context_encoder"]["transformer"]["block_0"]["attn"]["qkv"]["kernel"]
+    assert not np.allclose(target, context)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    config = tiny_config(compute_dtype="bfloat16")
+    state, history = run_steps(config, jax.devices()[:1], num_steps=1)
+    assert np.isfinite(history[0]["loss"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
+    """Stop after step 3, resume, and the losses of steps 4-6 equal the uninterrupted run's."""
+    config = tiny_config()
+    full = train.train_and_evaluate(config, tmp_path / "full", stop_at_step=6)
+    train.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=3)
+    assert Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 3
+    resumed = train.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=6)
+    assert int(resumed.step) == int(full.step) == 6
+    full_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+    resumed_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed")}
+    assert sorted(resumed_losses) == sorted(full_losses) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        np.testing.assert_allclose(resumed_losses[step], full_losses[step], rtol=1e-6)
+    chex.assert_trees_all_close(
+        jax.device_get(resumed.target_params), jax.device_get(full.target_params), atol=1e-6
+    )
+    assert Checkpointer(tmp_path / "full" / "checkpoints").all_steps() == [2, 4, 6][-3:]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config()
+    config.optim.lr_start = config.optim.lr_peak = config.optim.lr_final = 1e30
+    with pytest.raises(FloatingPointError, match="loss became nan at step"):
+        train.train_and_evaluate(config, tmp_path, stop_at_step=8)
+    saved = Checkpointer(tmp_path / "checkpoints").all_steps()
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path)) if saved else True
+    for step in saved:
+        state = Checkpointer(tmp_path / "checkpoints").restore_config(step)
+        assert state["optim"]["lr_peak"] == 1e30
+
+
+def test_launch_rejects_a_misspelt_override(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config",
+            "configs/digits.py",
+            "--config.optim.lr_peek=1e-4",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "lr_peek" in result.stderr
