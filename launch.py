@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file(
@@ -25,7 +26,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from scott_jax.train import train_and_evaluate
 
-    logging.getLogger().setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines are noise here
+    logging.getLogger("scott_jax").setLevel(logging.INFO)
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -32,6 +32,8 @@ from scott_jax.models import build_encoder, build_predictor
 from scott_jax.models.probes import SimpleAttentiveProbe
 from scott_jax.writers import MetricWriter, log_progress
 
+log = logging.getLogger(__name__)
+
 METHODS = ("mim_jepa",)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -350,14 +352,14 @@ def train_and_evaluate(
     rng = jax.random.key(config.seed)
     if checkpointer.latest_step() is None:
         state = init(rng)
-        logging.info(
+        log.info(
             "Starting from scratch: %d steps (%d per epoch).",
             total_steps,
             lengths["steps_per_epoch"],
         )
     else:
         state = checkpointer.restore(jax.eval_shape(init, rng))
-        logging.info("Resumed from step %d of %d.", int(state.step), total_steps)
+        log.info("Resumed from step %d of %d.", int(state.step), total_steps)
     start_step = int(state.step)
 
     step_fn = jax.jit(
@@ -436,7 +438,7 @@ def train_and_evaluate(
             if checkpointer.should_save(step):
                 save(step, force=False)
             if guard.requested:
-                logging.warning("Stop requested at step %d: saving a checkpoint.", step)
+                log.warning("Stop requested at step %d: saving a checkpoint.", step)
                 break
         if last_saved != step:
             save(step, force=True)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class MetricWriter:
     """Appends `{"step": s, ...}` lines to `workdir/metrics.jsonl` and writes TensorBoard events.
@@ -57,7 +59,7 @@ def log_progress(
     """One human-readable progress line: step, throughput, ETA and the main metrics."""
     eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
     shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
-    logging.info(
+    log.info(
         "step %d/%d (%.1f%%) | %.1f img/s | ETA %s | %s",
         step,
         total,

@@ -1,8 +1,10 @@
 """Train step and loop: sharding invariance, resume = uninterrupted, NaN guard, configs, CLI."""
 
 import importlib.util
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -251,3 +253,48 @@ def test_launch_rejects_a_misspelt_override(tmp_path):
     )
     assert result.returncode != 0
     assert "lr_peek" in result.stderr
+
+
+TINY_OVERRIDES = [
+    "--config.model.embed_dim=32",
+    "--config.model.depth=1",
+    "--config.model.num_heads=2",
+    "--config.predictor.depth=1",
+    "--config.batch_size=16",
+    "--config.num_epochs=1",
+    "--config.optim.lr_warmup_epochs=0.1",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=1000",
+]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    command = [sys.executable, "launch.py", "--config", "configs/digits.py", *TINY_OVERRIDES]
+    process = subprocess.Popen(
+        [*command, "--workdir", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no metrics after 180 s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Stop requested" in stderr
+    saved = Checkpointer(tmp_path / "checkpoints").latest_step()
+    assert saved is not None and saved >= 2
+    assert saved == read_metrics(tmp_path)[-1]["step"]
+    rerun = subprocess.Popen(
+        [*command, "--workdir", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for line in rerun.stderr:  # stop the rerun as soon as it says where it resumed
+            if "Resumed from step" in line or "Starting from scratch" in line:
+                break
+    finally:
+        rerun.kill()
+        rerun.wait()
+    assert f"Resumed from step {saved} of 112" in line
