@@ -273,21 +273,34 @@ def masked_batches(batches: Iterator[dict], config, grid: int, start_step: int) 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     """Runs `iterator` in a background thread so host work (masks, tf.data) overlaps the step."""
     items: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
             for item in iterator:
-                items.put(item)
+                if not put(item):
+                    return
         except Exception as e:  # re-raised in the consumer, with its traceback
-            items.put(e)
-        items.put(done)
+            put(e)
+        put(done)
 
     threading.Thread(target=produce, daemon=True).start()
-    while (item := items.get()) is not done:
-        if isinstance(item, Exception):
-            raise item
-        yield item
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer is gone (closed or failed): let the producer end
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -426,25 +439,27 @@ def train_and_evaluate(
         if checkpointer.save(step, state, config.to_dict(), force=force):
             last_saved = step
 
-    with preemption_guard() as guard:
-        step = start_step
-        while step < last_step:
-            batch = to_global(next(batches), data_sharding)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            pending.append((step, metrics))
-            if step % config.log_every_steps == 0:
-                flush(step)
-            if checkpointer.should_save(step):
-                save(step, force=False)
-            if guard.requested:
-                log.warning("Stop requested at step %d: saving a checkpoint.", step)
-                break
-        if last_saved != step:
-            save(step, force=True)
-        flush(step)
-    checkpointer.wait()
-    checkpointer.close()
-    if writer is not None:
-        writer.close()
+    try:
+        with preemption_guard() as guard:
+            step = start_step
+            while step < last_step:
+                batch = to_global(next(batches), data_sharding)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                if step % config.log_every_steps == 0:
+                    flush(step)
+                if checkpointer.should_save(step):
+                    save(step, force=False)
+                if guard.requested:
+                    log.warning("Stop requested at step %d: saving a checkpoint.", step)
+                    break
+            if last_saved != step:
+                save(step, force=True)
+            flush(step)
+    finally:  # also on errors: finish the saves already started, release the input thread
+        batches.close()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
     return state
