@@ -40,6 +40,7 @@ ARCH_KEYS = (
     "stochastic_depth_rate",
     "backbone_depth",
 )
+KINDS = ("encoder", "predictor")
 REQUIRED = ("model", "img_size", "embed_dim", "depth", "num_heads")
 
 
@@ -105,6 +106,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def build_module(kind: str, **arch) -> Encoder | Predictor:
     """The scott_jax module for an official architecture described by reference config names."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     unknown = sorted(set(arch) - set(ARCH_KEYS))
     if unknown:
         raise TypeError(f"unknown architecture arguments {unknown}; expected some of {ARCH_KEYS}")
@@ -135,14 +138,12 @@ def build_module(kind: str, **arch) -> Encoder | Predictor:
     )
     if kind == "encoder":
         return encoder
-    if kind == "predictor":
-        return Predictor(
-            grid_size=encoder.grid_size,
-            backbone_depth=arch["backbone_depth"],
-            depth=arch["depth"],
-            **common,
-        )
-    raise ValueError(f"unknown kind {kind!r}; expected 'encoder' or 'predictor'")
+    return Predictor(
+        grid_size=encoder.grid_size,
+        backbone_depth=arch["backbone_depth"],
+        depth=arch["depth"],
+        **common,
+    )
 
 
 def _target_path(kind: str, key: str) -> tuple[str | None, Any]:
