@@ -15,7 +15,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import flax
 import jax
@@ -308,6 +309,75 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+class Trainer(NamedTuple):
+    """The jitted pieces of a run on a mesh: `init(rng) -> state`, `step(state, batch)`."""
+
+    init: Callable
+    step: Callable
+    grid_size: int
+    data_sharding: NamedSharding
+    state_sharding: NamedSharding
+
+
+def build_trainer(
+    config: ml_collections.ConfigDict,
+    lengths: dict[str, int],
+    mesh: jax.sharding.Mesh,
+    *,
+    num_classes: int | None = None,
+) -> Trainer:
+    """Models, optimizer and schedules from the config, jitted over `mesh`.
+
+    The state is replicated and donated, the batch sharded over 'data'. `num_classes`
+    turns on the online probe (SPEC §6.7). Used by the loop, the tests and the benchmarks.
+    """
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
+    encoder, predictor = build_models(config)
+    opt_kwargs = optimizer_kwargs(config, lengths)
+    tx = optim.make_optimizer(**opt_kwargs)
+    schedules = functools.partial(
+        optim.schedule_values,
+        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
+        ema_start=config.optim.ema_start,
+        ema_final=config.optim.ema_final,
+    )
+    probe = probe_tx = None
+    if num_classes is not None:
+        probe = SimpleAttentiveProbe(num_classes)
+        probe_tx = optim.make_optimizer(**opt_kwargs)
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    init = jax.jit(
+        functools.partial(
+            create_train_state,
+            config=config,
+            encoder=encoder,
+            predictor=predictor,
+            tx=tx,
+            probe=probe,
+            probe_tx=probe_tx,
+        ),
+        out_shardings=replicated,
+    )
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            encoder=encoder,
+            predictor=predictor,
+            tx=tx,
+            schedules=schedules,
+            seed=config.seed,
+            probe=probe,
+            probe_tx=probe_tx,
+        ),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    return Trainer(init, step, encoder.grid_size, data_sharding, replicated)
+
+
 # --------------------------------------------------------------------------- loop
 
 
@@ -325,37 +395,11 @@ def train_and_evaluate(
     source = load_source(config.data.name, "pretrain", data_dir=config.data.data_dir)
     lengths = schedule_lengths(config, source.num_examples)
     total_steps = lengths["total_steps"]
-    encoder, predictor = build_models(config)
-    opt_kwargs = optimizer_kwargs(config, lengths)
-    tx = optim.make_optimizer(**opt_kwargs)
-    schedules = functools.partial(
-        optim.schedule_values,
-        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
-        ema_start=config.optim.ema_start,
-        ema_final=config.optim.ema_final,
-    )
-    probe = probe_tx = None
-    if config.online_probe:
-        probe = SimpleAttentiveProbe(source.num_classes)
-        probe_tx = optim.make_optimizer(**opt_kwargs)
-
-    mesh = make_mesh()
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    if config.batch_size % mesh.size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
-
-    init = jax.jit(
-        functools.partial(
-            create_train_state,
-            config=config,
-            encoder=encoder,
-            predictor=predictor,
-            tx=tx,
-            probe=probe,
-            probe_tx=probe_tx,
-        ),
-        out_shardings=replicated,
+    trainer = build_trainer(
+        config,
+        lengths,
+        make_mesh(),
+        num_classes=source.num_classes if config.online_probe else None,
     )
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -364,32 +408,17 @@ def train_and_evaluate(
     )
     rng = jax.random.key(config.seed)
     if checkpointer.latest_step() is None:
-        state = init(rng)
+        state = trainer.init(rng)
         log.info(
             "Starting from scratch: %d steps (%d per epoch).",
             total_steps,
             lengths["steps_per_epoch"],
         )
     else:
-        state = checkpointer.restore(jax.eval_shape(init, rng))
+        state = checkpointer.restore(jax.eval_shape(trainer.init, rng))
         log.info("Resumed from step %d of %d.", int(state.step), total_steps)
     start_step = int(state.step)
 
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            encoder=encoder,
-            predictor=predictor,
-            tx=tx,
-            schedules=schedules,
-            seed=config.seed,
-            probe=probe,
-            probe_tx=probe_tx,
-        ),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
     local_batches = pretrain_batches(
         source,
         batch_size=config.batch_size,
@@ -401,7 +430,7 @@ def train_and_evaluate(
         crop_scale=tuple(config.data.crop_scale),
         aug=config.data.aug,
     )
-    batches = prefetch(masked_batches(local_batches, config, encoder.grid_size, start_step))
+    batches = prefetch(masked_batches(local_batches, config, trainer.grid_size, start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     pending: list[tuple[int, dict]] = []
@@ -443,8 +472,8 @@ def train_and_evaluate(
         with preemption_guard() as guard:
             step = start_step
             while step < last_step:
-                batch = to_global(next(batches), data_sharding)
-                state, metrics = step_fn(state, batch)
+                batch = to_global(next(batches), trainer.data_sharding)
+                state, metrics = trainer.step(state, batch)
                 step += 1
                 pending.append((step, metrics))
                 if step % config.log_every_steps == 0:

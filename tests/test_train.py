@@ -12,10 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from scott_jax import masking, optim, train
+from scott_jax import masking, train
 from scott_jax.checkpoint import Checkpointer
 from scott_jax.writers import read_metrics
 
@@ -112,48 +110,17 @@ def synthetic_batch(config, batch_size, seed=0):
 
 def run_steps(config, devices, num_steps=2, online_probe=False):
     """num_steps jitted train steps on a ('data',) mesh over `devices`; returns (state, metrics)."""
-    encoder, predictor = train.build_models(config)
     lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
-    opt_kwargs = train.optimizer_kwargs(config, lengths)
-    tx = optim.make_optimizer(**opt_kwargs)
-    schedules = lambda count: optim.schedule_values(  # noqa: E731
-        count,
-        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
-        ema_start=0.996,
-        ema_final=1.0,
+    trainer = train.build_trainer(
+        config, lengths, train.make_mesh(devices), num_classes=10 if online_probe else None
     )
-    probe = train.SimpleAttentiveProbe(10) if online_probe else None
-    probe_tx = optim.make_optimizer(**opt_kwargs) if online_probe else None
-    mesh = train.make_mesh(devices)
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.jit(
-        lambda rng: train.create_train_state(
-            rng, config, encoder, predictor, tx, probe=probe, probe_tx=probe_tx
-        ),
-        out_shardings=replicated,
-    )(jax.random.key(0))
-    step = jax.jit(
-        lambda s, b: train.train_step(
-            s,
-            b,
-            encoder=encoder,
-            predictor=predictor,
-            tx=tx,
-            schedules=schedules,
-            seed=0,
-            probe=probe,
-            probe_tx=probe_tx,
-        ),
-        in_shardings=(replicated, data),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    state = trainer.init(jax.random.key(0))
     history = []
     for i in range(num_steps):
         batch = synthetic_batch(config, 8, seed=i)
         if not online_probe:
             batch.pop("label")
-        state, metrics = step(state, jax.device_put(batch, data))
+        state, metrics = trainer.step(state, jax.device_put(batch, trainer.data_sharding))
         history.append(jax.device_get(metrics))
     return state, history
 
