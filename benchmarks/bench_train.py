@@ -1,6 +1,7 @@
 """Time the full MIM-JEPA pretraining step on synthetic input (no data loading).
 
-    python benchmarks/bench_train.py --variant scott-7/16 --img-size 224 --batch 8 --steps 5 --warmup 2
+    python benchmarks/bench_train.py --variant scott-7/16 --img-size 224 --batch 8 \
+        --steps 5 --warmup 2
 
 The step is the one the training loop runs (`scott_jax.train.build_trainer`): target forward,
 masked context forward, predictor, loss, backward, AdamW and EMA, jitted and donated. Prints
