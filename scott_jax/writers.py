@@ -57,7 +57,8 @@ def log_progress(
     step: int, total: int, images_per_sec: float, seconds_left: float, metrics
 ) -> None:
     """One human-readable progress line: step, throughput, ETA and the main metrics."""
-    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+    days, rest = divmod(int(max(0.0, seconds_left)), 86400)
+    eta = (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
     shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
     log.info(
         "step %d/%d (%.1f%%) | %.1f img/s | ETA %s | %s",
