@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -73,6 +74,22 @@ def test_output_shapes_for_every_variant(variant, img_size):
     predictor = build_predictor(encoder)
     pvars = jax.eval_shape(predictor.init, jax.random.key(0), out)
     assert jax.eval_shape(predictor.apply, pvars, out).shape == out.shape
+
+
+def test_max_blur_pool_is_the_pascal_blur_of_the_max_pool():
+    """SPEC §1.2: max pool 2x2/1, then depthwise 3x3 [1,2,1]x[1,2,1]/16 blur, stride 2, pad 1."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+    pooled = nn.max_pool(x, (2, 2), strides=(1, 1), padding="VALID")
+    kernel = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+    expected = jax.lax.conv_general_dilated(
+        pooled,
+        jnp.tile(jnp.asarray(kernel, jnp.float32)[:, :, None, None], (1, 1, 1, 3)),
+        window_strides=(2, 2),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=3,
+    )
+    np.testing.assert_allclose(max_blur_pool(x), expected, atol=1e-6)
 
 
 def test_tokenizer_stage_sizes():
