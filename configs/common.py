@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_dropout = 0.1
     config.model.stochastic_depth_rate = 0.1
     config.model.num_register_tokens = 0
+    config.model.conv_impl = "auto"  # im2col on CPU, XLA/cuDNN conv on accelerators
 
     config.predictor = ml_collections.ConfigDict()
     config.predictor.depth = 3
@@ -36,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = ""
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    # Pretraining split: 'full' (the paper's), or the data-scaling ablation's 'trainval' /
+    # 'train'; for folder:<path> datasets also a '+'-joined list of split folders.
+    config.data.pretrain_split = "full"
     config.data.aug = "none"
     config.data.crop_scale = (0.2, 1.0)
 

@@ -392,7 +392,14 @@ def train_and_evaluate(
     from scott_jax.data import load_source, pretrain_batches  # TF only where data is read
 
     workdir = os.fspath(workdir)
-    source = load_source(config.data.name, "pretrain", data_dir=config.data.data_dir)
+    source = load_source(
+        config.data.name,
+        "pretrain",
+        data_dir=config.data.data_dir,
+        pretrain_split=config.data.pretrain_split,
+    )
+    if config.online_probe and source.num_classes < 2:
+        raise ValueError(f"online_probe needs class labels, and {config.data.name!r} has none")
     lengths = schedule_lengths(config, source.num_examples)
     total_steps = lengths["total_steps"]
     trainer = build_trainer(
@@ -432,6 +439,8 @@ def train_and_evaluate(
     )
     batches = prefetch(masked_batches(local_batches, config, trainer.grid_size, start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
+    if writer is not None:
+        writer.write(start_step, {"data/skipped_files": len(source.skipped_files)})
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     pending: list[tuple[int, dict]] = []
     last_saved = start_step if checkpointer.latest_step() is not None else None

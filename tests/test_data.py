@@ -259,8 +259,8 @@ def test_pretrain_batches_bad_arguments(numbered):
         pretrain_batches(
             numbered, batch_size=8, img_size=16, seed=0, process_index=2, process_count=2
         )
-    with pytest.raises(ValueError, match="known: none"):
-        pretrain_batches(numbered, batch_size=8, img_size=16, seed=0, aug="diff")
+    with pytest.raises(ValueError, match="unknown augmentation 'bogus'"):
+        pretrain_batches(numbered, batch_size=8, img_size=16, seed=0, aug="bogus")
     with pytest.raises(ValueError, match="start_step"):
         pretrain_batches(numbered, batch_size=8, img_size=16, seed=0, start_step=-1)
 

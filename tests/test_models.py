@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scott_jax.models import VARIANTS, build_encoder, build_predictor
-from scott_jax.models.tokenizers import ScottTokenizer, max_blur_pool
+from scott_jax.models.tokenizers import ScottTokenizer, StemConv, max_blur_pool
 from scott_jax.models.transformer import sincos_pos_embed, swiglu_hidden_dim
 
 # SPEC §3.6 / §4: trainable parameters, mask token included, position embedding excluded.
@@ -90,6 +90,17 @@ def test_max_blur_pool_is_the_pascal_blur_of_the_max_pool():
         feature_group_count=3,
     )
     np.testing.assert_allclose(max_blur_pool(x), expected, atol=1e-6)
+
+
+def test_conv_implementations_agree():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
+    xla, im2col = StemConv(12, "xla"), StemConv(12, "im2col")
+    params = xla.init(jax.random.key(1), x)
+    out = xla.apply(params, x)
+    assert out.shape == (2, 8, 8, 12)
+    np.testing.assert_allclose(im2col.apply(params, x), out, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown conv_impl"):
+        StemConv(12, "winograd").init(jax.random.key(1), x)
 
 
 def test_tokenizer_stage_sizes():

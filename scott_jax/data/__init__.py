@@ -16,21 +16,38 @@ from scott_jax.data.augment import (
     two_views,
 )
 from scott_jax.data.pipeline import eval_batches, pretrain_batches, steps_per_epoch
-from scott_jax.data.sources import PURPOSES, SOURCES, Source, load_source
+from scott_jax.data.sources import (
+    FOLDER_PREFIX,
+    IMAGENET100_WNIDS,
+    PURPOSES,
+    SOURCES,
+    SPLITS,
+    Source,
+    Splits,
+    decode_image,
+    load_source,
+    purpose_splits,
+)
 
 __all__ = [
     "AUGMENTATIONS",
+    "FOLDER_PREFIX",
+    "IMAGENET100_WNIDS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PURPOSES",
     "SOURCES",
+    "SPLITS",
     "Source",
+    "Splits",
     "crop_box",
+    "decode_image",
     "eval_batches",
     "eval_transform",
     "load_source",
     "normalize",
     "pretrain_batches",
+    "purpose_splits",
     "random_flip",
     "random_resized_crop",
     "steps_per_epoch",

@@ -11,10 +11,16 @@ what the uninterrupted run yielded from step ``s`` on.
 
 Hosts: every process computes the same global batch of indices and keeps its own contiguous
 slice (``batch_size // process_count`` rows), so the global batch is the same for any number of
-processes; ``jax.make_array_from_process_local_data`` reassembles it on the mesh.
+processes; ``jax.make_array_from_process_local_data`` reassembles it on the mesh. The slice is
+taken before anything is read: each process reads and decodes only its own rows of every
+global batch. That is how "each process reads its own shard" here: the shard is a slice of
+each batch rather than a fixed subset of files, so the stream does not depend on the process
+count and a resumed run may use a different number of hosts.
 
-The per-example work (gather, crop, flip, normalise) runs in a ``tf.data`` map with parallel
-calls and deterministic order; TensorFlow is kept off the GPU (``augment``).
+The per-example work (read or gather, decode, crop, flip, normalise) runs in a ``tf.data`` map
+with parallel calls and deterministic order; TensorFlow is kept off the GPU (``augment``). How
+an index becomes pixels depends on the source's storage (``sources.Source``): a gather from
+in-memory pixels, a decode of in-memory file bytes, or a read and decode of a file.
 """
 
 from collections.abc import Iterator
@@ -23,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from scott_jax.data import augment
-from scott_jax.data.sources import Source
+from scott_jax.data.sources import Source, decode_image
 
 # Mixed into the run seed so that shuffling and augmentation draw from different streams.
 _SHUFFLE_STREAM = 0x73687566  # "shuf"
@@ -90,13 +96,13 @@ def pretrain_batches(
             (tf.reshape(index, [-1]), tf.reshape(position, [-1]))
         )
 
-    images = tf.constant(source.images)
+    image_at = _image_reader(source)
     labels = tf.constant(source.labels)
 
     def example(index, position):
         seed_pair = tf.random.experimental.stateless_fold_in(augment_key, position)
         context, target = augment.two_views(
-            tf.gather(images, index), seed_pair, size=img_size, crop_scale=crop_scale, aug=aug
+            image_at(index), seed_pair, size=img_size, crop_scale=crop_scale, aug=aug
         )
         return {"context": context, "target": target, "label": tf.gather(labels, index)}
 
@@ -128,17 +134,31 @@ def eval_batches(
     position = np.arange(num_batches * batch_size).reshape(num_batches, batch_size)[:, lo:hi]
     mask = position.reshape(-1) < source.num_examples
     index = np.where(mask, position.reshape(-1), 0)
-    images = tf.constant(source.images)
+    image_at = _image_reader(source)
     labels = tf.constant(source.labels)
 
     def example(i, valid):
-        image = augment.normalize(augment.eval_transform(tf.gather(images, i), img_size))
+        image = augment.normalize(augment.eval_transform(image_at(i), img_size))
         return {"image": image, "label": tf.gather(labels, i), "mask": valid}
 
     ds = tf.data.Dataset.from_tensor_slices((index, mask))
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(hi - lo, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
+
+
+def _image_reader(source: Source):
+    """A function: example index (int64 scalar tensor) -> uint8 [H, W, 3], for tf.data maps.
+
+    The source's images become one tensor, captured by the map (not embedded in the graph, so
+    a Pets-sized 800 MB of JPEG bytes is fine); each call touches one example only.
+    """
+    images = tf.constant(source.images)
+    if source.storage == "pixels":
+        return lambda i: tf.gather(images, i)
+    if source.storage == "encoded":
+        return lambda i: decode_image(tf.gather(images, i))
+    return lambda i: decode_image(tf.io.read_file(tf.gather(images, i)))
 
 
 def _local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:

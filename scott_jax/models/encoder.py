@@ -35,6 +35,7 @@ class Encoder(nn.Module):
     attention_dropout: float = 0.0
     stochastic_depth_rate: float = 0.0
     num_register_tokens: int = 0
+    conv_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -52,7 +53,13 @@ class Encoder(nn.Module):
                     f"the SCOTT tokenizer downsamples by {SCOTT_PATCH_SIZE}; patch_size "
                     f"{self.patch_size} is not supported (use tokenizer='vit' for other sizes)"
                 )
-            return ScottTokenizer(self.embed_dim, self.img_size, dtype=self.dtype, name="tokenizer")
+            return ScottTokenizer(
+                self.embed_dim,
+                self.img_size,
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
+                name="tokenizer",
+            )
         if self.tokenizer == "vit":
             return PatchEmbedTokenizer(
                 self.embed_dim, self.img_size, self.patch_size, dtype=self.dtype, name="tokenizer"

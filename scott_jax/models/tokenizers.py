@@ -82,6 +82,47 @@ def max_blur_pool(x: jax.Array) -> jax.Array:
     return _binomial_stride2(_binomial_stride2(x, 1), 2)
 
 
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+class StemConv(nn.Module):
+    """7x7 stride-2 conv, no bias, explicit padding 3 (SPEC §1.1): [B, H, W, I] -> [B, H/2, W/2, O].
+
+    `impl='xla'` is `lax.conv`; `'im2col'` gathers the 49 strided taps and does one matmul,
+    which XLA:CPU runs about 1.7x faster forward+backward for the 64 -> 384 conv; `'auto'`
+    picks im2col on CPU and the XLA conv (cuDNN) on accelerators. Same params and numbers.
+    Explicit padding matters: 'SAME' would pad (2, 3) and shift the grid (SPEC §1.2).
+    """
+
+    features: int
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl not in CONV_IMPLS:
+            raise ValueError(f"unknown conv_impl {self.impl!r}; expected one of {CONV_IMPLS}")
+        kernel = self.param(
+            "kernel", initializers.kaiming_normal, (7, 7, x.shape[-1], self.features)
+        ).astype(self.dtype)
+        x = x.astype(self.dtype)
+        impl = self.impl
+        if impl == "auto":
+            impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+        if impl == "xla":
+            return jax.lax.conv_general_dilated(
+                x, kernel, (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        height, width = x.shape[1] // 2, x.shape[2] // 2
+        padded = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+        taps = [
+            padded[:, i : i + 2 * height : 2, j : j + 2 * width : 2, :]
+            for i in range(7)
+            for j in range(7)
+        ]
+        return jnp.concatenate(taps, axis=-1) @ kernel.reshape(-1, self.features)
+
+
 class ScottTokenizer(nn.Module):
     """SCOTT conv stem with masked-dense "sparse" convolutions (SPEC §1).
 
@@ -96,6 +137,7 @@ class ScottTokenizer(nn.Module):
     embed_dim: int
     img_size: int
     stem_dim: int = 64
+    conv_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -116,16 +158,9 @@ class ScottTokenizer(nn.Module):
 
         x = remask(x)
         for i, features in enumerate((self.stem_dim, self.embed_dim)):
-            x = nn.Conv(
-                features,
-                (7, 7),
-                strides=(2, 2),
-                padding=((3, 3), (3, 3)),
-                use_bias=False,
-                kernel_init=initializers.kaiming_normal,
-                dtype=self.dtype,
-                name=f"conv_{i}",
-            )(x)
+            # The stem conv (3 input channels) stays an XLA conv: im2col would not pay there.
+            impl = "xla" if i == 0 else self.conv_impl
+            x = StemConv(features, impl, self.dtype, name=f"conv_{i}")(x)
             x = nn.relu(remask(x))
             x = remask(max_blur_pool(x))
         return x.reshape(batch, grid * grid, self.embed_dim)
