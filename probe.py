@@ -1,0 +1,39 @@
+"""Frozen-feature probes on a pretraining run: `python probe.py --workdir runs/flowers`.
+
+Reads the run's checkpoint (context encoder by default, `--config.encoder=target` for the EMA
+one), trains the linear and attentive probes of SPEC §8 with the reference's recipe, prints a
+table and writes WORKDIR/probe/results.json. `--config` defaults to configs/probe.py; any
+field can be overridden with a dotted flag, e.g. `--config.num_epochs=10`.
+"""
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "probe.py"),
+    "Probe config file (a get_config() module).",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "The pretraining run's directory (launch.py --workdir).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from scott_jax.probe import format_table, run_probes
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines are noise here
+    logging.getLogger("scott_jax").setLevel(logging.INFO)
+    print(format_table(run_probes(flags.FLAGS.config, flags.FLAGS.workdir)))
+
+
+if __name__ == "__main__":
+    app.run(main)
