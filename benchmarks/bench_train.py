@@ -48,12 +48,13 @@ def main() -> None:
 
     from configs import common
     from scott_jax import masking, train
+    from scott_jax.sharding import make_mesh
 
     config = common.get_config()
     config.variant, config.img_size, config.batch_size = args.variant, args.img_size, args.batch
     config.compute_dtype = args.dtype
     lengths = dict(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)
-    trainer = train.build_trainer(config, lengths, train.make_mesh())
+    trainer = train.build_trainer(config, lengths, make_mesh())
     rng = np.random.default_rng(0)
     shape = (args.batch, args.img_size, args.img_size, 3)
     grid = trainer.grid_size

@@ -60,15 +60,15 @@ from jax.sharding import PartitionSpec as P
 
 from scott_jax import objectives, optim
 from scott_jax.checkpoint import load_config, load_state_tree
-from scott_jax.models import Encoder, build_encoder
+from scott_jax.models import Encoder, encoder_from_config
 from scott_jax.models.probes import ATTENTIVE_PROBES, build_probes
+from scott_jax.sharding import make_mesh, to_global
 from scott_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
 ENCODERS = ("context", "target")
 SELECTION_RULES = ("holdout", "last", "reference")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: The "top-5" of top-5 accuracy; capped at the number of classes.
 TOP_K = 5
 #: PRNG of the probes' dropout: XLA's RngBitGenerator ('rbg') rather than threefry halves
@@ -216,22 +216,6 @@ class Backbone(NamedTuple):
     train_config: dict
 
 
-def encoder_from_config(train_config: Mapping, compute_dtype: str | None = None) -> Encoder:
-    """The run's encoder from its saved config dict (what the trainer checkpoints).
-
-    The trainer's `build_models` construction (variant, img_size, the non-None `model.*`
-    overrides, compute dtype), repeated because the probe never imports the trainer.
-    `compute_dtype` None keeps the run's.
-    """
-    dtype = compute_dtype or train_config.get("compute_dtype", "float32")
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute_dtype {dtype!r}; expected one of {list(COMPUTE_DTYPES)}")
-    overrides = {k: v for k, v in train_config.get("model", {}).items() if v is not None}
-    return build_encoder(
-        train_config["variant"], train_config["img_size"], dtype=COMPUTE_DTYPES[dtype], **overrides
-    )
-
-
 def load_backbone(
     workdir: str | os.PathLike,
     *,
@@ -323,14 +307,6 @@ def _features(encoder: Encoder, params, images: jax.Array, pool: bool) -> jax.Ar
     return features.mean(axis=1) if pool else features
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A 1-D ('data',) mesh over `devices` (default: all), as the trainer's."""
-    devices = jax.devices() if devices is None else devices
-    return jax.sharding.Mesh(
-        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-
-
 def extract_features(
     encoder: Encoder,
     params,
@@ -350,7 +326,7 @@ def extract_features(
 
         feats, labels = extract_features(encoder, state.target_params, eval_batches(...))
     """
-    mesh = data_mesh() if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else mesh
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
     chunks = []
@@ -362,7 +338,7 @@ def extract_features(
 
     pending = None
     for batch in batches:
-        batch = _to_global(batch, batch_sharding)
+        batch = to_global(batch, batch_sharding)
         current = {
             "features": _features(encoder, params, batch["image"], pool),
             "label": batch["label"],
@@ -378,11 +354,6 @@ def extract_features(
         np.concatenate([c["features"] for c in chunks]),
         np.concatenate([c["label"] for c in chunks]),
     )
-
-
-def _to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over the data axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------- probe steps
@@ -552,7 +523,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     rule, score_split = selection_plan(config.selection, config.use_probe_select)
     train_source, eval_sources = _load_sources(config, settings, rule, score_split)
     num_classes = train_source.num_classes
-    mesh = data_mesh()
+    mesh = make_mesh()
     for name in ("batch_size", "eval_batch_size"):
         if settings[name] % mesh.size:
             raise ValueError(f"{name} {settings[name]} is not divisible by {mesh.size} devices")
@@ -739,7 +710,7 @@ def _train_probes(
             started = time.perf_counter()
             step_metrics = []
             for batch in data.epoch_batches(epoch):
-                batch = _to_global(batch, data_sharding)
+                batch = to_global(batch, data_sharding)
                 state, metrics = train_step(state, backbone_params, batch)
                 step_metrics.append(metrics)
             step_metrics = jax.device_get(step_metrics)
@@ -865,7 +836,7 @@ def _evaluate(eval_step, state, cache, batch_size: int, sharding: NamedSharding)
         valid = rows < len(labels)
         index = np.where(valid, rows, 0)
         batch = {"x": features[index], "label": labels[index], "mask": valid}
-        counts.append(eval_step(state, _to_global(batch, sharding)))
+        counts.append(eval_step(state, to_global(batch, sharding)))
     return jax.tree.map(lambda *c: np.sum(c, axis=0), *jax.device_get(counts))
 
 

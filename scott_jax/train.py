@@ -29,14 +29,14 @@ from jax.sharding import PartitionSpec as P
 
 from scott_jax import masking, objectives, optim
 from scott_jax.checkpoint import Checkpointer, preemption_guard
-from scott_jax.models import build_encoder, build_predictor
+from scott_jax.models import build_predictor, encoder_from_config
 from scott_jax.models.probes import SimpleAttentiveProbe
+from scott_jax.sharding import make_mesh, to_global
 from scott_jax.writers import MetricWriter, log_progress
 
 log = logging.getLogger(__name__)
 
 METHODS = ("mim_jepa",)
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # --------------------------------------------------------------------------- lengths
@@ -68,13 +68,7 @@ def build_models(config: ml_collections.ConfigDict):
     """(encoder, predictor) from `config.variant`, `config.model.*` and `config.predictor.*`."""
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; expected one of {METHODS}")
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        known = list(COMPUTE_DTYPES)
-        raise ValueError(f"unknown compute_dtype {config.compute_dtype!r}; expected one of {known}")
-    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
-    encoder = build_encoder(
-        config.variant, config.img_size, dtype=COMPUTE_DTYPES[config.compute_dtype], **overrides
-    )
+    encoder = encoder_from_config(config)
     predictor = build_predictor(
         encoder, depth=config.predictor.depth, double_rescale=config.predictor.double_rescale
     )
@@ -247,14 +241,6 @@ def _probe_update(probe_state, features, labels, probe, probe_tx, rng):
 # --------------------------------------------------------------------------- input
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D ('data',) mesh over `devices` (default: all), with classic sharding propagation."""
-    devices = jax.devices() if devices is None else devices
-    return jax.sharding.Mesh(
-        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-
-
 def masked_batches(batches: Iterator[dict], config, grid: int, start_step: int) -> Iterator[dict]:
     """Adds the step's keep-masks [b, N] to each host-local batch (a pure function of the step)."""
     for step, batch in enumerate(batches, start=start_step):
@@ -302,11 +288,6 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()  # the consumer is gone (closed or failed): let the producer end
-
-
-def to_global(batch: dict, sharding: NamedSharding) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over the data axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 class Trainer(NamedTuple):

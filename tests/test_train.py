@@ -15,6 +15,7 @@ import pytest
 
 from scott_jax import masking, train
 from scott_jax.checkpoint import Checkpointer
+from scott_jax.sharding import make_mesh
 from scott_jax.writers import read_metrics
 
 ROOT = Path(__file__).parents[1]
@@ -112,7 +113,7 @@ def run_steps(config, devices, num_steps=2, online_probe=False):
     """num_steps jitted train steps on a ('data',) mesh over `devices`; returns (state, metrics)."""
     lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
     trainer = train.build_trainer(
-        config, lengths, train.make_mesh(devices), num_classes=10 if online_probe else None
+        config, lengths, make_mesh(devices), num_classes=10 if online_probe else None
     )
     state = trainer.init(jax.random.key(0))
     history = []

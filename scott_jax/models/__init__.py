@@ -5,6 +5,10 @@ the paper's models with the reference's regularisation defaults (SPEC §3.6); an
 be overridden by keyword.
 """
 
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+
 from scott_jax.models.encoder import Encoder
 from scott_jax.models.predictor import Predictor
 from scott_jax.models.tokenizers import patch_grid
@@ -49,6 +53,22 @@ def encoder_kwargs(variant: str, img_size: int, **overrides) -> dict:
 def build_encoder(variant: str, img_size: int, **overrides) -> Encoder:
     """Encoder for a named variant, e.g. `build_encoder('scott-7/16', 224, dropout_rate=0.0)`."""
     return Encoder(**encoder_kwargs(variant, img_size, **overrides))
+
+
+#: `config.compute_dtype` values: the dtype of activations; params always stay float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def encoder_from_config(config: Mapping, compute_dtype: str | None = None) -> Encoder:
+    """The encoder of a run config (ConfigDict or its saved dict): `variant`, `img_size`,
+    the non-None `model.*` overrides and `compute_dtype` (overridden by `compute_dtype`)."""
+    dtype = compute_dtype or config.get("compute_dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {dtype!r}; expected one of {list(COMPUTE_DTYPES)}")
+    overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
+    return build_encoder(
+        config["variant"], config["img_size"], dtype=COMPUTE_DTYPES[dtype], **overrides
+    )
 
 
 def build_predictor(encoder: Encoder, depth: int = 3, **overrides) -> Predictor:
