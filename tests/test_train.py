@@ -255,7 +255,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     assert process.returncode == 0, stderr
     assert "Stop requested" in stderr
     saved = Checkpointer(tmp_path / "checkpoints").latest_step()
-    assert saved is not None and saved >= 2
+    assert saved is not None and saved >= 1
     assert saved == read_metrics(tmp_path)[-1]["step"]
     assert read_metrics(tmp_path)[0] == {**read_metrics(tmp_path)[0], "data/skipped_files": 0}
     rerun = subprocess.Popen(
