@@ -162,6 +162,24 @@ def make_optimizer(
     )
 
 
+def config_kwargs(optim_config, *, total_steps: int, warmup_steps: int) -> dict:
+    """`make_optimizer` arguments from a config's `optim` block (configs/common.py names)."""
+    o = optim_config
+    return dict(
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        lr_start=o.lr_start,
+        lr_peak=o.lr_peak,
+        lr_final=o.lr_final,
+        flat_pctg=o.lr_flat_pctg,
+        wd_start=o.wd_start,
+        wd_final=o.wd_final,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+    )
+
+
 def schedule_values(
     count: chex.Numeric,
     *,

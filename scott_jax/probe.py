@@ -665,19 +665,12 @@ def _train_probes(
     the wall time of that epoch's training steps (the first includes compilation).
     """
     total_steps = config.num_epochs * data.steps_per_epoch
-    o = config.optim
     tx = optim.make_optimizer(
-        total_steps=total_steps,
-        warmup_steps=int(o.lr_warmup_epochs * data.steps_per_epoch),
-        lr_start=o.lr_start,
-        lr_peak=o.lr_peak,
-        lr_final=o.lr_final,
-        flat_pctg=o.lr_flat_pctg,
-        wd_start=o.wd_start,
-        wd_final=o.wd_final,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
+        **optim.config_kwargs(
+            config.optim,
+            total_steps=total_steps,
+            warmup_steps=int(config.optim.lr_warmup_epochs * data.steps_per_epoch),
+        )
     )
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     feature_shape = eval_cache["test"][0].shape

@@ -77,19 +77,8 @@ def build_models(config: ml_collections.ConfigDict):
 
 def optimizer_kwargs(config: ml_collections.ConfigDict, lengths: dict[str, int]) -> dict:
     """Arguments of `optim.make_optimizer` (and, with the EMA ones, `optim.schedule_values`)."""
-    o = config.optim
-    return dict(
-        total_steps=lengths["total_steps"],
-        warmup_steps=lengths["warmup_steps"],
-        lr_start=o.lr_start,
-        lr_peak=o.lr_peak,
-        lr_final=o.lr_final,
-        flat_pctg=o.lr_flat_pctg,
-        wd_start=o.wd_start,
-        wd_final=o.wd_final,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
+    return optim.config_kwargs(
+        config.optim, total_steps=lengths["total_steps"], warmup_steps=lengths["warmup_steps"]
     )
 
 
