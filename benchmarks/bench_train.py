@@ -12,6 +12,7 @@ GPU/TPU with a known peak the MFU.
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -90,10 +91,12 @@ def main() -> None:
         "compile_sec": round(compile_sec, 2),
         "flops_per_step": flops,
         "achieved_tflops": round(flops / sec / 1e12, 4),
+        "step_times": [round(t, 4) for t in times],
         "mfu": None if peak is None else round(flops / sec / 1e12 / peak, 4),
         "peak_memory_gb": None
         if memory is None
         else round((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**30, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "device": device.device_kind,
         "num_devices": jax.device_count(),
         "loss": float(metrics["loss"]),
