@@ -13,9 +13,9 @@ Masks are drawn once outside the loop (as in bench_train.py: no input work is ti
 The online probe and logging of the reference loop are left out on both sides.
 
 Prints one JSON line with the keys of bench_train.py that apply to eager PyTorch:
-sec_per_step (median), step_times (each timed step), images_per_sec, compile_sec (0: nothing is compiled),
-flops_per_step (torch's FlopCounterMode over one warm-up step), achieved_tflops,
-peak_rss_gb (the process's peak resident memory), threads.
+sec_per_step (median), step_times (each timed step), images_per_sec, compile_sec (0:
+nothing is compiled), flops_per_step (torch's FlopCounterMode over one warm-up step),
+achieved_tflops, peak_rss_gb (the process's peak resident memory), threads.
 """
 
 import argparse
@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scott_jax.models import DEFAULTS, VARIANTS  # noqa: E402  (no JAX import: plain dicts)
+from scott_jax.models import DEFAULTS, VARIANTS
 
 
 def reference_config(variant: str) -> dict:
