@@ -22,8 +22,9 @@ def supervised(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.selection = "holdout"
     config.eval_every_epochs = 5
     config.output_dir = "supervised"  # results.json, relative to the workdir
-    # MIM-JEPA-only fields: no masks, predictor, EMA target or online probe here.
-    for name in ("mask", "predictor", "online_probe"):
-        del config[name]
+    # Pretraining-only fields: no masks, predictor, EMA target or online probe here.
+    for name in ("mask", "predictor", "online_probe", "ijepa"):
+        if name in config:
+            del config[name]
     del config.optim["ema_start"], config.optim["ema_final"]
     return config
