@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.method = "mim_jepa"
+    config.method = "mim_jepa"  # or "ijepa" (SPEC §9; settings in config.ijepa below)
     config.variant = "scott-12/16"
     config.img_size = 224
     config.batch_size = 128  # the paper's; the reference yaml uses 64
@@ -61,6 +61,34 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.eps = 1e-8
     config.optim.ema_start = 0.996
     config.optim.ema_final = 1.0
+
+    # I-JEPA (config.method = "ijepa", SPEC §9); used only by that method. The encoder is
+    # still `variant` + `model.*` (embed_dim, depth, num_heads, mlp_ratio, conv_impl), with
+    # I-JEPA's pre-norm GELU blocks; config.predictor and config.mask are MIM-JEPA's.
+    config.ijepa = ml_collections.ConfigDict()
+    config.ijepa.num_targets = 4
+    config.ijepa.target_scale = (0.15, 0.2)
+    config.ijepa.target_aspect = (0.75, 1.5)
+    config.ijepa.context_scale = (0.85, 1.0)
+    config.ijepa.context_aspect = (1.0, 1.0)
+    config.ijepa.min_keep = 10
+    # Upstream collator quirks (SPEC §10.25), fixed when False: one uniform for scale and
+    # aspect; exclusive corner bound (last row/column never used); raster-order truncation
+    # of every context to the batch's shortest.
+    config.ijepa.correlated_size = False
+    config.ijepa.exclusive_corner = False
+    config.ijepa.truncate_context = False
+    # Static length of the context token list (padded with attention masks); None = the
+    # largest context block, so nothing is dropped. See scott_jax/masking_multiblock.py.
+    config.ijepa.max_context_tokens = ml_collections.FieldReference(None, field_type=int)
+    config.ijepa.predictor_dim = 384
+    config.ijepa.predictor_depth = 6
+    config.ijepa.predictor_heads = ml_collections.FieldReference(None, field_type=int)  # encoder's
+    config.ijepa.drop_path_rate = 0.0
+    config.ijepa.depth_rescale_init = False  # upstream's re-init undoes the rescale (faithful)
+    config.ijepa.loss = "smooth_l1"  # official code; "l2" = the paper's
+    config.ijepa.wd_schedule = "cosine"  # official code; "linear" = the paper's
+    config.ijepa.ema_schedule = "linear_from_zero"  # official code: first update uses ema_start
 
     config.compute_dtype = "float32"  # or "bfloat16"; params and optimizer state stay float32
     config.checkpoint_every_steps = 1000

@@ -1,4 +1,5 @@
-"""MIM-JEPA objective (SPEC §6.2 steps 2 and 5): normalised targets and masked Smooth-L1.
+"""MIM-JEPA objective (SPEC §6.2 steps 2 and 5): normalised targets and masked Smooth-L1;
+and I-JEPA's block regression loss (SPEC §9.4).
 
 The target encoder sees the second view unmasked; its features are layer-normalised
 without affine parameters and detached. The loss compares the predictor's output with
@@ -48,3 +49,34 @@ def masked_smooth_l1(pred: jax.Array, target: jax.Array, keep_mask: chex.Array) 
     per_token = (elementwise.sum(-1) + 1e-8) / pred.shape[-1]
     per_sample = per_token.sum(-1) / (drop.sum(-1) + 1e-8)
     return per_sample.mean()
+
+
+#: `config.ijepa.loss` values: the official code's Smooth-L1 and the paper's squared L2.
+IJEPA_LOSSES = ("smooth_l1", "l2")
+
+
+def block_regression_loss(
+    pred: jax.Array, target: jax.Array, valid: chex.Array, kind: str = "smooth_l1"
+) -> jax.Array:
+    """I-JEPA's loss (SPEC §9.4): mean over valid target tokens and channels, float32 scalar.
+
+    pred, target [B, M, K, D] (predictions and LN'd target features at the M target blocks);
+    valid [B, M, K] (False on padding). `kind='smooth_l1'` (β = 1) is the official code's
+    `F.smooth_l1_loss`, 'l2' the squared error the paper writes (per element, so its
+    scale matches Smooth-L1 near zero). With no padding this is the plain mean over all
+    elements, as upstream, whose index lists have equal lengths.
+    """
+    if kind not in IJEPA_LOSSES:
+        raise ValueError(f"unknown I-JEPA loss {kind!r}; expected one of {IJEPA_LOSSES}")
+    if pred.shape != target.shape or pred.ndim != 4 or valid.shape != pred.shape[:3]:
+        raise ValueError(
+            f"expected pred and target [B, M, K, D] and valid [B, M, K], got {pred.shape}, "
+            f"{target.shape} and {valid.shape}"
+        )
+    diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if kind == "smooth_l1":
+        elementwise = jnp.where(jnp.abs(diff) < 1.0, 0.5 * diff * diff, jnp.abs(diff) - 0.5)
+    else:
+        elementwise = diff * diff
+    weight = jnp.asarray(valid, jnp.float32)
+    return (elementwise.sum(-1) * weight).sum() / (weight.sum() * pred.shape[-1])

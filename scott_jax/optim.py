@@ -17,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-#: `kind` values of `ema_schedule` (the reference's `training.ema_schedule` config key).
-EMA_KINDS = ("linear", "cosine")
+#: `kind` values of `ema_schedule`: the reference's `training.ema_schedule` config key, and
+#: I-JEPA's linear schedule whose first update uses i = 0 (SPEC §9.4, §10.18).
+EMA_KINDS = ("linear", "cosine", "linear_from_zero")
+#: `kind` values of `wd_schedule`: the reference's linear one, I-JEPA's cosine one (SPEC §9.4).
+WD_KINDS = ("linear", "cosine")
 
 
 def _check_total_steps(total_steps: int) -> None:
@@ -84,13 +87,21 @@ def lr_schedule(
     return schedule
 
 
-def wd_schedule(total_steps: int, wd_start: float, wd_final: float) -> optax.Schedule:
+def wd_schedule(
+    total_steps: int, wd_start: float, wd_final: float, kind: str = "linear"
+) -> optax.Schedule:
     """Weight decay g(count + 1) = wd_start + (k/T)·(wd_final − wd_start) (SPEC §6.5).
 
     It starts one step above wd_start and reaches wd_final at the last step k = T.
+    `kind='cosine'` is I-JEPA's `CosineWDSchedule` (SPEC §9.4): the half-cosine from
+    wd_start to wd_final over progress k/T, also stepped before the update it applies to.
     """
     _check_total_steps(total_steps)
-    return lambda count: _linear(_step(count), total_steps, wd_start, wd_final)
+    if kind == "linear":
+        return lambda count: _linear(_step(count), total_steps, wd_start, wd_final)
+    if kind == "cosine":
+        return lambda count: _cosine(_step(count) / total_steps, wd_start, wd_final)
+    raise ValueError(f"unknown weight-decay schedule kind {kind!r}; expected one of {WD_KINDS}")
 
 
 def ema_schedule(
@@ -101,11 +112,15 @@ def ema_schedule(
     `kind='linear'` (the reference config): ema_start + (k/T)·(ema_final − ema_start), so the
     first update already uses k = 1 (the reference's scheduler is never reset) and the
     last one uses ema_final exactly. `kind='cosine'` is the reference's alternative
-    `CosineScheduler` over progress k/T.
+    `CosineScheduler` over progress k/T. `kind='linear_from_zero'` is I-JEPA's momentum
+    scheduler, ema_start + (i/T)·(ema_final − ema_start) with i = count = k − 1, so the
+    first update uses ema_start and the last one stays just below ema_final (SPEC §9.4).
     """
     _check_total_steps(total_steps)
     if kind == "linear":
         return lambda count: _linear(_step(count), total_steps, ema_start, ema_final)
+    if kind == "linear_from_zero":
+        return lambda count: _linear(_step(count) - 1.0, total_steps, ema_start, ema_final)
     if kind == "cosine":
         return lambda count: _cosine(_step(count) / total_steps, ema_start, ema_final)
     raise ValueError(f"unknown EMA schedule kind {kind!r}; expected one of {EMA_KINDS}")
@@ -144,6 +159,7 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    wd_kind: str = "linear",
 ) -> optax.GradientTransformation:
     """torch AdamW with scheduled LR and WD: p ← p − lr_k·wd_k·p·mask − lr_k·adam_k (SPEC §6.4).
 
@@ -152,10 +168,13 @@ def make_optimizer(
     lr_k like torch's p·(1 − lr·wd). `add_decayed_weights` takes the WD schedule directly
     (it keeps its own step counter, in step with the LR's), and `decay_mask` limits it to
     the decayed group. The state is a tuple of NamedTuples of arrays (orbax-checkpointable).
+    `wd_kind` picks the WD schedule (`wd_schedule`).
     """
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-        optax.add_decayed_weights(wd_schedule(total_steps, wd_start, wd_final), mask=decay_mask),
+        optax.add_decayed_weights(
+            wd_schedule(total_steps, wd_start, wd_final, wd_kind), mask=decay_mask
+        ),
         optax.scale_by_learning_rate(
             lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
         ),
@@ -194,6 +213,7 @@ def schedule_values(
     ema_start: float,
     ema_final: float,
     ema_kind: str = "linear",
+    wd_kind: str = "linear",
 ) -> dict[str, jax.Array]:
     """LR, WD and EMA momentum used by the update with optax count `count` (step count + 1).
 
@@ -202,7 +222,7 @@ def schedule_values(
     for the EMA update that follows it. Takes the schedule arguments of `make_optimizer`.
     """
     lr = lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
-    wd = wd_schedule(total_steps, wd_start, wd_final)
+    wd = wd_schedule(total_steps, wd_start, wd_final, wd_kind)
     ema = ema_schedule(total_steps, ema_start, ema_final, ema_kind)
     return {"lr": lr(count), "wd": wd(count), "ema": ema(count)}
 

@@ -1,8 +1,12 @@
-"""MIM-JEPA pretraining (SPEC §6): models, sharded jitted step, and the resumable loop.
+"""Pretraining: the MIM-JEPA method (SPEC §6) and the method-agnostic resumable loop.
 
 Sections: schedule lengths -> models and optimizer -> train state -> the step -> input
-stream -> the loop (`train_and_evaluate`). The step is a module-level pure function; the
-loop only wires it to data, checkpoints and metric writers.
+stream -> trainer -> the loop (`train_and_evaluate`). A method supplies a `Trainer` (its
+jitted init and step, and the host-side stream that adds its masks to each batch);
+`build_trainer` picks it from `config.method`: MIM-JEPA here, I-JEPA in `scott_jax.ijepa`
+(which reuses this module's `TrainState`, probe and jit wiring). The steps are
+module-level pure functions; the loop only wires a trainer to data, checkpoints and
+metric writers, the same way for every method.
 
 Multi-device: one ('data',) mesh over all devices; the batch is sharded over it, the train
 state (params, optimizer state, EMA target) is replicated, and the same code runs on 1 or N
@@ -36,7 +40,7 @@ from scott_jax.writers import MetricWriter, log_progress
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mim_jepa",)
+METHODS = ("mim_jepa", "ijepa")
 
 
 # --------------------------------------------------------------------------- lengths
@@ -64,10 +68,19 @@ def schedule_lengths(config: ml_collections.ConfigDict, num_examples: int) -> di
 # --------------------------------------------------------------------------- models
 
 
-def build_models(config: ml_collections.ConfigDict):
-    """(encoder, predictor) from `config.variant`, `config.model.*` and `config.predictor.*`."""
+def check_method(config: ml_collections.ConfigDict) -> None:
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; expected one of {METHODS}")
+
+
+def build_models(config: ml_collections.ConfigDict):
+    """(encoder, predictor) of `config.method` from `config.variant`, `config.model.*` and
+    the method's predictor fields (`config.predictor.*`, or `config.ijepa.*`)."""
+    check_method(config)
+    if config.method == "ijepa":
+        from scott_jax import ijepa  # it imports this module
+
+        return ijepa.build_models(config)
     encoder = encoder_from_config(config)
     predictor = build_predictor(
         encoder, depth=config.predictor.depth, double_rescale=config.predictor.double_rescale
@@ -280,13 +293,57 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
 
 
 class Trainer(NamedTuple):
-    """The jitted pieces of a run on a mesh: `init(rng) -> state`, `step(state, batch)`."""
+    """A method's pieces of a run on a mesh: jitted `init(rng) -> state` and
+    `step(state, batch) -> (state, metrics)`, and `add_masks(batches, start_step)`, the
+    host-side stream that turns data batches into step batches (run in the input thread).
+    """
 
     init: Callable
     step: Callable
     grid_size: int
     data_sharding: NamedSharding
     state_sharding: NamedSharding
+    add_masks: Callable[[Iterator[dict], int], Iterator[dict]]
+
+
+def make_schedules(opt_kwargs: dict, config: ml_collections.ConfigDict, **kinds) -> Callable:
+    """`count -> {'lr', 'wd', 'ema'}` for the optimizer built from `opt_kwargs` (logging, EMA)."""
+    return functools.partial(
+        optim.schedule_values,
+        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
+        ema_start=config.optim.ema_start,
+        ema_final=config.optim.ema_final,
+        **kinds,
+    )
+
+
+def make_probe(num_classes: int | None, opt_kwargs: dict):
+    """(probe, probe optimizer) of the online monitoring probe (SPEC §6.7), or (None, None)."""
+    if num_classes is None:
+        return None, None
+    return SimpleAttentiveProbe(num_classes), optim.make_optimizer(**opt_kwargs)
+
+
+def jit_trainer(
+    mesh: jax.sharding.Mesh, init: Callable, step: Callable, grid_size: int, add_masks: Callable
+) -> Trainer:
+    """Jits a method's `init(rng)` and `step(state, batch)` over `mesh`: the state is
+    replicated and donated, the batch sharded over 'data'."""
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    return Trainer(
+        init=jax.jit(init, out_shardings=replicated),
+        step=jax.jit(
+            step,
+            in_shardings=(replicated, data_sharding),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        ),
+        grid_size=grid_size,
+        data_sharding=data_sharding,
+        state_sharding=replicated,
+        add_masks=add_masks,
+    )
 
 
 def build_trainer(
@@ -296,56 +353,46 @@ def build_trainer(
     *,
     num_classes: int | None = None,
 ) -> Trainer:
-    """Models, optimizer and schedules from the config, jitted over `mesh`.
+    """The trainer of `config.method`: models, optimizer and schedules, jitted over `mesh`.
 
-    The state is replicated and donated, the batch sharded over 'data'. `num_classes`
-    turns on the online probe (SPEC §6.7). Used by the loop, the tests and the benchmarks.
+    `num_classes` turns on the online probe (SPEC §6.7). Used by the loop, the tests and
+    the benchmarks.
     """
+    check_method(config)
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
+    if config.method == "ijepa":
+        from scott_jax import ijepa  # it imports this module
+
+        return ijepa.build_trainer(config, lengths, mesh, num_classes=num_classes)
     encoder, predictor = build_models(config)
     opt_kwargs = optimizer_kwargs(config, lengths)
     tx = optim.make_optimizer(**opt_kwargs)
-    schedules = functools.partial(
-        optim.schedule_values,
-        **{k: v for k, v in opt_kwargs.items() if k not in ("b1", "b2", "eps")},
-        ema_start=config.optim.ema_start,
-        ema_final=config.optim.ema_final,
+    probe, probe_tx = make_probe(num_classes, opt_kwargs)
+    init = functools.partial(
+        create_train_state,
+        config=config,
+        encoder=encoder,
+        predictor=predictor,
+        tx=tx,
+        probe=probe,
+        probe_tx=probe_tx,
     )
-    probe = probe_tx = None
-    if num_classes is not None:
-        probe = SimpleAttentiveProbe(num_classes)
-        probe_tx = optim.make_optimizer(**opt_kwargs)
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    init = jax.jit(
-        functools.partial(
-            create_train_state,
-            config=config,
-            encoder=encoder,
-            predictor=predictor,
-            tx=tx,
-            probe=probe,
-            probe_tx=probe_tx,
-        ),
-        out_shardings=replicated,
+    step = functools.partial(
+        train_step,
+        encoder=encoder,
+        predictor=predictor,
+        tx=tx,
+        schedules=make_schedules(opt_kwargs, config),
+        seed=config.seed,
+        probe=probe,
+        probe_tx=probe_tx,
     )
-    step = jax.jit(
-        functools.partial(
-            train_step,
-            encoder=encoder,
-            predictor=predictor,
-            tx=tx,
-            schedules=schedules,
-            seed=config.seed,
-            probe=probe,
-            probe_tx=probe_tx,
-        ),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    return Trainer(init, step, encoder.grid_size, data_sharding, replicated)
+
+    def add_masks(batches: Iterator[dict], start_step: int) -> Iterator[dict]:
+        return masked_batches(batches, config, encoder.grid_size, start_step)
+
+    return jit_trainer(mesh, init, step, encoder.grid_size, add_masks)
 
 
 # --------------------------------------------------------------------------- loop
@@ -354,7 +401,7 @@ def build_trainer(
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
 ) -> TrainState:
-    """Pretrains with MIM-JEPA, resuming from the latest checkpoint in `workdir` if any.
+    """Pretrains with `config.method`, resuming from the latest checkpoint in `workdir` if any.
 
     stop_at_step: end this run (with a checkpoint) after that many total steps, as a
     preemption would; re-running the same call continues from there.
@@ -407,7 +454,7 @@ def train_and_evaluate(
         crop_scale=tuple(config.data.crop_scale),
         aug=config.data.aug,
     )
-    batches = prefetch(masked_batches(local_batches, config, trainer.grid_size, start_step))
+    batches = prefetch(trainer.add_masks(local_batches, start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
     if writer is not None:
         writer.write(start_step, {"data/skipped_files": len(source.skipped_files)})

@@ -2,13 +2,15 @@
 
 `build_encoder('scott-12/16', img_size=224)` and `build_predictor('scott-12/16', 224)` give
 the paper's models with the reference's regularisation defaults (SPEC §3.6); any field can
-be overridden by keyword.
+be overridden by keyword. `encoder_from_config` builds a run's encoder for either method:
+the MIM-JEPA `Encoder`, or for `method='ijepa'` the I-JEPA `ijepa.Encoder` (SPEC §9).
 """
 
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 
+from scott_jax.models import ijepa
 from scott_jax.models.encoder import Encoder
 from scott_jax.models.predictor import Predictor
 from scott_jax.models.tokenizers import patch_grid
@@ -59,15 +61,36 @@ def build_encoder(variant: str, img_size: int, **overrides) -> Encoder:
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+#: The `model.*` fields the I-JEPA encoder takes; its blocks have a GELU MLP, no dropout
+#: and no registers, so `ffn_layer`, `dropout_rate`, `attention_dropout`,
+#: `stochastic_depth_rate` and `num_register_tokens` apply to MIM-JEPA only.
+IJEPA_MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "conv_impl")
+
+
 def encoder_from_config(config: Mapping, compute_dtype: str | None = None) -> Encoder:
     """The encoder of a run config (ConfigDict or its saved dict): `variant`, `img_size`,
-    the non-None `model.*` overrides and `compute_dtype` (overridden by `compute_dtype`)."""
+    the non-None `model.*` overrides and `compute_dtype` (overridden by `compute_dtype`).
+
+    With `method='ijepa'` it is the I-JEPA encoder (`ijepa.Encoder`): the variant's
+    tokenizer, depth and heads, the `IJEPA_MODEL_FIELDS` overrides, and `ijepa.drop_path_rate`
+    / `ijepa.depth_rescale_init`. Called with images only, both give [B, N, D] features.
+    """
     dtype = compute_dtype or config.get("compute_dtype", "float32")
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"unknown compute_dtype {dtype!r}; expected one of {list(COMPUTE_DTYPES)}")
     overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
-    return build_encoder(
-        config["variant"], config["img_size"], dtype=COMPUTE_DTYPES[dtype], **overrides
+    if config.get("method", "mim_jepa") != "ijepa":
+        return build_encoder(
+            config["variant"], config["img_size"], dtype=COMPUTE_DTYPES[dtype], **overrides
+        )
+    kwargs = encoder_kwargs(config["variant"], config["img_size"])
+    kwargs.update({k: v for k, v in overrides.items() if k in IJEPA_MODEL_FIELDS})
+    patch_grid(config["img_size"], kwargs["patch_size"])
+    return ijepa.Encoder(
+        **{k: kwargs[k] for k in ("tokenizer", "img_size", *IJEPA_MODEL_FIELDS) if k in kwargs},
+        drop_path_rate=config["ijepa"]["drop_path_rate"],
+        depth_rescale_init=config["ijepa"]["depth_rescale_init"],
+        dtype=COMPUTE_DTYPES[dtype],
     )
 
 
@@ -100,4 +123,5 @@ __all__ = [
     "build_encoder",
     "build_predictor",
     "encoder_kwargs",
+    "ijepa",
 ]
