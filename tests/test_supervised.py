@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -124,29 +123,31 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_launch_dispatches_the_supervised_method(tmp_path):
-    flags = [f"--config.{key}={value}" for key, value in TINY.items()]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "launch.py",
-            "--config",
-            "configs/digits_supervised.py",
-            *flags,
-            "--config.labels_per_class=10",
-            "--config.num_epochs=1",
-            "--config.eval_every_epochs=1",
-            "--config.optim.lr_warmup_epochs=0",
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "trained supervised from scratch on 100 examples" in result.stdout
-    saved = json.loads((tmp_path / "supervised" / "results.json").read_text())
-    assert saved["method"] == "supervised" and saved["checkpoint_step"] == 6
+@pytest.mark.parametrize(
+    ("config_file", "trainer"), [("digits_supervised", "supervised"), ("digits", "train")]
+)
+def test_launch_dispatches_on_config_method(config_file, trainer, tmp_path, monkeypatch):
+    """launch.py runs scott_jax.supervised for method 'supervised', scott_jax.train otherwise."""
+    from absl import flags
+
+    from scott_jax import train
+
+    calls = []
+    for module in (supervised, train):
+        name = module.__name__.rsplit(".", 1)[-1]
+        monkeypatch.setattr(
+            module,
+            "train_and_evaluate",
+            lambda config, workdir, name=name: calls.append((name, config.method, workdir)),
+        )
+    monkeypatch.syspath_prepend(str(ROOT))
+    import launch
+
+    argv = ["launch.py", "--config", str(ROOT / "configs" / f"{config_file}.py")]
+    flags.FLAGS([*argv, "--workdir", str(tmp_path)])
+    try:
+        launch.main(["launch.py"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    method = "supervised" if trainer == "supervised" else "mim_jepa"
+    assert calls == [(trainer, method, str(tmp_path))]
