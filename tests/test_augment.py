@@ -13,8 +13,6 @@ import tensorflow as tf
 
 from scott_jax.data import augment
 from scott_jax.data.augment import (
-    AUGMENTATIONS,
-    check_aug,
     color_augment,
     color_jitter,
     eval_transform,
@@ -22,6 +20,7 @@ from scott_jax.data.augment import (
     random_grayscale,
     two_views,
 )
+from scott_jax.data.augment_spec import AUGMENTATIONS, check_aug
 
 RNG = np.random.default_rng(0)
 NOISE = RNG.integers(0, 256, (24, 24, 3), dtype=np.uint8)  # One size: XLA compiles once.

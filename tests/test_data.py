@@ -250,6 +250,51 @@ def test_process_shards_concatenate_to_the_global_batch(numbered, stream):
     assert_same_batches(joined, stream[3:6])
 
 
+def test_color_on_device_yields_the_uncoloured_uint8_view(numbered, stream):
+    """The device mode yields the crop and flip the float views are made of (any aug), as
+    uint8, and resumes like the default stream."""
+    device = take(pretrain_batches(numbered, color_on_device=True, aug="diff", **STREAM), 4)
+    assert device[0].keys() == {"view", "label"}
+    assert device[0]["view"].shape == (8, 16, 16, 3) and device[0]["view"].dtype == np.uint8
+    for ours, theirs in zip(device, stream[:4], strict=True):
+        np.testing.assert_array_equal(ours["label"], theirs["label"])
+        np.testing.assert_allclose(
+            (ours["view"] / 255.0 - MEAN) / STD, theirs["context"], atol=1e-5
+        )
+    resumed = take(pretrain_batches(numbered, color_on_device=True, start_step=3, **STREAM), 1)
+    assert_same_batches(resumed, device[3:4])
+
+
+def first_views(images: np.ndarray, encode=None, seed: int = 1) -> np.ndarray:
+    """int [8, 16, 16, 3]: the first device-mode views of 8 images, held as pixels or, with
+    ``encode`` (image -> bytes tensor), as in-memory files (the TFDS datasets' storage)."""
+    if encode is not None:
+        files = np.empty(len(images), object)
+        files[:] = [encode(image).numpy() for image in images]
+        images = files
+    source = Source("s", "pretrain", images, np.arange(len(images), dtype=np.int32), 8)
+    kwargs = dict(batch_size=8, img_size=16, seed=seed, color_on_device=True)
+    return next(pretrain_batches(source, **kwargs))["view"].astype(int)
+
+
+def test_jpeg_decodes_only_the_crop_window_other_formats_in_full():
+    """PNG: exactly the views of the decoded pixels. JPEG (decode_and_crop_jpeg): the same crop
+    and flip, up to a few levels along the window's edge where the chroma upsampling differs."""
+    x = np.linspace(0, 1, 48)
+    smooth = np.stack([np.outer(x, x), np.outer(x, 1 - x), np.outer(1 - x, x)], -1) * 255
+    images = np.stack([np.roll(smooth, 5 * i, axis=1) for i in range(8)]).astype(np.uint8)
+    np.testing.assert_array_equal(first_views(images, tf.io.encode_png), first_views(images))
+
+    def jpeg(image):
+        return tf.io.encode_jpeg(image, quality=95)
+
+    decoded = np.stack([tf.io.decode_jpeg(jpeg(image)) for image in images])
+    window = first_views(images, jpeg)
+    diff = np.abs(window - first_views(decoded))
+    assert diff.mean() < 1.0 and np.mean(diff > 0) < 0.2
+    assert np.abs(window - first_views(decoded, seed=2)).mean() > 10  # Another crop.
+
+
 def test_pretrain_batches_bad_arguments(numbered):
     with pytest.raises(ValueError, match=r"batch size 32 is larger than the dataset \(20 examples"):
         pretrain_batches(numbered, batch_size=32, img_size=16, seed=0)

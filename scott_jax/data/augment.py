@@ -23,24 +23,26 @@ import os
 
 import tensorflow as tf
 
+from scott_jax.data.augment_spec import (
+    BLUR_KERNEL,
+    BLUR_P,
+    BLUR_SIGMA,
+    COLOUR_P,
+    GRAYSCALE_P,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JITTER,
+    JITTER_P,
+    LUMA_WEIGHTS,
+    check_aug,
+)
+
 # TensorFlow is only the input pipeline: keep it off any GPU so that JAX owns the device memory.
 if tf.config.get_visible_devices("GPU"):
     tf.config.set_visible_devices([], "GPU")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Values of ``two_views(aug=...)``: the colour augmentation of each view (SPEC §7.1, §10.8).
-AUGMENTATIONS = ("none", "same", "diff", "reference")
 #: torchvision's RandomResizedCrop tries this many (area, ratio) draws before its fallback.
 _CROP_ATTEMPTS = 10
-#: SPEC §7.1 step 3: a view gets the colour ops with probability 0.6; then jitter (p 0.8),
-#: grayscale (p 0.1) and blur (p 0.3), each drawn on its own, in a random order.
-_COLOUR_P = 0.6
-_JITTER_P = 0.8
-_GRAYSCALE_P = 0.1
-_BLUR_P = 0.3
-#: ITU-R 601-2 luma (0.299, 0.587, 0.114) in PIL's 16-bit fixed point (they sum to 2**16).
-_LUMA_WEIGHTS = (19595, 38470, 7471)
 
 
 def _xla(fn):
@@ -120,7 +122,7 @@ def random_resized_crop(
     shape = tf.shape(image)
     top, left, crop_h, crop_w = tf.unstack(crop_box(shape[0], shape[1], seed, scale, ratio))
     window = image[top : top + crop_h, left : left + crop_w]  # Keeps the static channel count.
-    return _resize_uint8(window, (size, size), "bicubic")
+    return resize_window(window, size)
 
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
@@ -159,10 +161,10 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
 def color_jitter(
     image: tf.Tensor,
     seed,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.2,
-    hue: float = 0.1,
+    brightness: float = JITTER[0],
+    contrast: float = JITTER[1],
+    saturation: float = JITTER[2],
+    hue: float = JITTER[3],
 ) -> tf.Tensor:
     """uint8 [H, W, 3] -> uint8 [H, W, 3]: torchvision ``ColorJitter`` on a PIL image.
 
@@ -180,7 +182,7 @@ def color_jitter(
     return _to_uint8(jitter(_pixels(image), seed))
 
 
-def random_grayscale(image: tf.Tensor, seed, p: float = _GRAYSCALE_P) -> tf.Tensor:
+def random_grayscale(image: tf.Tensor, seed, p: float = GRAYSCALE_P) -> tf.Tensor:
     """uint8 [H, W, 3] -> uint8 [H, W, 3]: with probability p, PIL's luma in all 3 channels.
 
     SPEC §7.1 step 3 (torchvision ``RandomGrayscale``, which on a PIL image is
@@ -192,8 +194,8 @@ def random_grayscale(image: tf.Tensor, seed, p: float = _GRAYSCALE_P) -> tf.Tens
 def gaussian_blur(
     image: tf.Tensor,
     seed,
-    kernel_size: int = 9,
-    sigma: tuple[float, float] = (0.1, 2.0),
+    kernel_size: int = BLUR_KERNEL,
+    sigma: tuple[float, float] = BLUR_SIGMA,
 ) -> tf.Tensor:
     """uint8 [H, W, 3] -> uint8 [H, W, 3]: torchvision ``GaussianBlur`` (SPEC §7.1 step 3).
 
@@ -241,8 +243,36 @@ def two_views(
                    its own value so that a config can say it reproduces the code.
     """
     check_aug(aug)
-    crop_seed, flip_seed, context_seed, target_seed = tf.unstack(_split(seed, 4))
+    crop_seed, flip_seed, context_seed, target_seed = view_seeds(seed)
     view = random_flip(random_resized_crop(image, crop_seed, size, scale=crop_scale), flip_seed)
+    return color_views(view, context_seed, target_seed, aug)
+
+
+def view_seeds(seed) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The int64 [2] seeds (crop, flip, context colour, target colour) of one example's views.
+
+    ``two_views`` draws with them; the pipeline uses them directly when it decodes only the
+    crop window of a JPEG, so both routes draw the same crop, flip and colours.
+    """
+    crop_seed, flip_seed, context_seed, target_seed = tf.unstack(_split(seed, 4))
+    return crop_seed, flip_seed, context_seed, target_seed
+
+
+def resize_window(window: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [h, w, 3] crop window -> uint8 [size, size, 3], bicubic, antialiased like PIL.
+
+    The resize half of ``random_resized_crop``, for a window decoded on its own.
+    """
+    return _resize_uint8(window, (size, size), "bicubic")
+
+
+def color_views(
+    view: tf.Tensor, context_seed, target_seed, aug: str
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """uint8 [S, S, 3] cropped, flipped view -> (context, target), float32, normalised.
+
+    The colour half of ``two_views`` (see there for ``aug``).
+    """
     if aug == "none":
         view = normalize(view)
         return view, view
@@ -252,12 +282,6 @@ def two_views(
         return context, context
     target = _color_augment(_pixels(view), target_seed)  # 'diff' and 'reference'.
     return normalize(context), normalize(target)
-
-
-def check_aug(aug: str) -> None:
-    """A clear error for an unknown ``aug`` (raised before any pipeline is built)."""
-    if aug not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {aug!r}; known: {', '.join(AUGMENTATIONS)}")
 
 
 def _resize_uint8(image: tf.Tensor, size, method: str) -> tf.Tensor:
@@ -313,20 +337,20 @@ def _color_augment(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """
     gate, order, jitter_coin, jitter, gray_coin, blur_coin, blur = tf.unstack(_split(seed, 7))
     ops = [
-        lambda y: _random_apply(y, jitter_coin, _JITTER_P, lambda z: _jitter(z, jitter)),
-        lambda y: _random_apply(y, gray_coin, _GRAYSCALE_P, _grayscale),
-        lambda y: _random_apply(y, blur_coin, _BLUR_P, lambda z: _blur(z, blur)),
+        lambda y: _random_apply(y, jitter_coin, JITTER_P, lambda z: _jitter(z, jitter)),
+        lambda y: _random_apply(y, gray_coin, GRAYSCALE_P, _grayscale),
+        lambda y: _random_apply(y, blur_coin, BLUR_P, lambda z: _blur(z, blur)),
     ]
-    return _random_apply(x, gate, _COLOUR_P, lambda y: _in_random_order(y, ops, order))
+    return _random_apply(x, gate, COLOUR_P, lambda y: _in_random_order(y, ops, order))
 
 
 def _jitter(
     x: tf.Tensor,
     seed,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.2,
-    hue: float = 0.1,
+    brightness: float = JITTER[0],
+    contrast: float = JITTER[1],
+    saturation: float = JITTER[2],
+    hue: float = JITTER[3],
 ) -> tf.Tensor:
     """``color_jitter`` on pixel floats [H, W, 3]."""
     factor_seed, order_seed = tf.unstack(_split(seed, 2))
@@ -397,7 +421,7 @@ def _luma(x: tf.Tensor) -> tf.Tensor:
     Exact in float32: every product and sum is an integer below 2^24.
     """
     r, g, b = x[..., 0:1], x[..., 1:2], x[..., 2:3]
-    weighted = r * _LUMA_WEIGHTS[0] + g * _LUMA_WEIGHTS[1] + b * _LUMA_WEIGHTS[2]
+    weighted = r * LUMA_WEIGHTS[0] + g * LUMA_WEIGHTS[1] + b * LUMA_WEIGHTS[2]
     return tf.floor((weighted + 32768.0) / 65536.0)
 
 
@@ -488,7 +512,7 @@ def _gaussian_kernel(kernel_size: int, sigma) -> tf.Tensor:
 
 
 def _blur(
-    x: tf.Tensor, seed, kernel_size: int = 9, sigma: tuple[float, float] = (0.1, 2.0)
+    x: tf.Tensor, seed, kernel_size: int = BLUR_KERNEL, sigma: tuple[float, float] = BLUR_SIGMA
 ) -> tf.Tensor:
     """``gaussian_blur`` on pixel floats [H, W, 3]."""
     return _gaussian_filter(x, tf.random.stateless_uniform([], seed, *sigma), kernel_size)

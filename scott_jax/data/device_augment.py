@@ -1,0 +1,274 @@
+"""The colour half of the pretraining views, in JAX, inside the jitted step (SPEC §7.1 steps 3-4).
+
+With ``config.data.color_on_device`` the input pipeline yields each example's cropped, flipped
+view as uint8 (``pretrain_batches(color_on_device=True)``) and ``two_views`` here makes the
+context and target views from it on the accelerator: per view the colour augmentation
+(``color_augment``), then ImageNet normalisation. That takes the colour ops, about two thirds
+of the host's work per image with ``aug='diff'``, off the CPU cores.
+
+Same semantics as ``augment``'s TensorFlow ops: the same ops, probabilities, parameter ranges
+and random order, and the same arithmetic on the 0..255 grid that the reference's PIL images
+imply (every op ends on integers, rounding or truncating as PIL does; tests compare the ops
+with the TF ones). Two differences, neither of which changes the distribution of the views:
+
+- the draws come from ``jax.random`` (the step's key), not from TensorFlow's stateless ops, so
+  an example is coloured differently than on the tf.data route; both are pure functions of
+  (seed, step), so a resumed run still redraws the uninterrupted run's colours;
+- the arithmetic is float32 throughout, where the TF ops use float64 in places to follow PIL's
+  C code bit for bit (the hue conversion, the blend product), and XLA may fuse a * b + c into
+  one FMA: a pixel whose exact value lies at a rounding boundary can come out one level off
+  (tests bound how often).
+
+Every function works on one image of "pixel floats" (float32 holding integers in [0, 255])
+[H, W, 3]; ``two_views`` maps ``color_augment`` over the batch with ``vmap``. Under ``vmap``
+each random choice (apply an op or not, the order of the ops) becomes a select: every op is
+computed for every image and the drawn result kept. That is more arithmetic than the chosen
+ops need, cheap on an accelerator, and keeps all shapes static. This module imports no
+TensorFlow.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from scott_jax.data.augment_spec import (
+    BLUR_KERNEL,
+    BLUR_P,
+    BLUR_SIGMA,
+    COLOUR_P,
+    GRAYSCALE_P,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JITTER,
+    JITTER_P,
+    LUMA_WEIGHTS,
+    check_aug,
+)
+
+
+def two_views(views: jax.Array, key: jax.Array, aug: str) -> tuple[jax.Array, jax.Array]:
+    """uint8 (or pixel floats) [B, S, S, 3] -> (context, target), each float32 [B, S, S, 3].
+
+    views: the batch's cropped and flipped views (``pretrain_batches(color_on_device=True)``
+    'view'); key: a ``jax.random`` key, e.g. the step's. Example b of the global batch draws
+    with ``split(key, 2 B)[b]`` for its context and ``[B + b]`` for its target, so the result
+    does not depend on how the batch is sharded. ``aug`` as in ``augment.two_views``: 'none'
+    only normalises (both views the same array), 'same' colours once for both, 'diff' and
+    'reference' colour each view with its own draw ('diff' has the same context as 'same').
+    """
+    check_aug(aug)
+    if views.ndim != 4 or views.shape[-1] != 3:
+        raise ValueError(f"views must be [B, S, S, 3], got shape {views.shape}")
+    x = views.astype(jnp.float32)
+    if aug == "none":
+        x = normalize(x)
+        return x, x
+    batch = x.shape[0]
+    keys = jax.random.split(key, 2 * batch)
+    if aug == "same":
+        context = normalize(jax.vmap(color_augment)(x, keys[:batch]))
+        return context, context
+    # 'diff' and 'reference': both views in one vmap (one traced copy of the ops).
+    views = normalize(jax.vmap(color_augment)(jnp.concatenate([x, x]), keys))
+    return views[:batch], views[batch:]
+
+
+def normalize(x: jax.Array) -> jax.Array:
+    """[..., 3] in [0, 255] -> float32 (x / 255 - mean) / std, ImageNet statistics (§7.1 step 4)."""
+    x = x.astype(jnp.float32) / 255.0
+    return (x - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+
+
+def color_augment(x: jax.Array, key: jax.Array) -> jax.Array:
+    """One view's colour augmentation: pixel floats [H, W, 3] -> same (SPEC §7.1 step 3).
+
+    ``augment.color_augment``: with probability 0.6, jitter (p 0.8), grayscale (p 0.1) and blur
+    (p 0.3), each drawn on its own, in a uniformly random order; otherwise the image unchanged.
+    Each draw has its own key, so an op draws the same numbers wherever the order puts it.
+    """
+    gate, order, jitter_coin, jitter, gray_coin, blur_coin, blur = jax.random.split(key, 7)
+    ops = (
+        lambda y: _random_apply(y, jitter_coin, JITTER_P, lambda z: color_jitter(z, jitter)),
+        lambda y: _random_apply(y, gray_coin, GRAYSCALE_P, grayscale),
+        lambda y: _random_apply(y, blur_coin, BLUR_P, lambda z: gaussian_blur(z, blur)),
+    )
+    return _random_apply(x, gate, COLOUR_P, lambda y: _in_random_order(y, ops, order))
+
+
+def color_jitter(
+    x: jax.Array,
+    key: jax.Array,
+    brightness: float = JITTER[0],
+    contrast: float = JITTER[1],
+    saturation: float = JITTER[2],
+    hue: float = JITTER[3],
+) -> jax.Array:
+    """torchvision ``ColorJitter`` on pixel floats [H, W, 3] (``augment.color_jitter``).
+
+    Factors ~ U[max(0, 1 - s), 1 + s] for brightness, contrast and saturation, a hue shift
+    ~ U[-hue, hue] turns; the sub-ops in a uniformly random order, a strength of 0 left out.
+    """
+    factor_key, order_key = jax.random.split(key)
+    u = jax.random.uniform(factor_key, (4,))
+
+    def factor(k: int, strength: float) -> jax.Array:
+        lo = max(0.0, 1.0 - strength)
+        return lo + (1.0 + strength - lo) * u[k]
+
+    ops = []
+    if brightness:
+        ops.append(functools.partial(adjust_brightness, factor=factor(0, brightness)))
+    if contrast:
+        ops.append(functools.partial(adjust_contrast, factor=factor(1, contrast)))
+    if saturation:
+        ops.append(functools.partial(adjust_saturation, factor=factor(2, saturation)))
+    if hue:
+        ops.append(functools.partial(adjust_hue, shift=hue * (2.0 * u[3] - 1.0)))
+    return _in_random_order(x, ops, order_key)
+
+
+def adjust_brightness(x: jax.Array, factor) -> jax.Array:
+    """PIL ``ImageEnhance.Brightness``: blend with black."""
+    return _blend(0.0, x, factor)
+
+
+def adjust_contrast(x: jax.Array, factor) -> jax.Array:
+    """PIL ``ImageEnhance.Contrast``: blend with the mean of the luma image, rounded half up.
+
+    The mean is formed in int32 ((2 sum + n) // 2n), exact for images up to 8.4 Mpixel.
+    """
+    luma = _luma(x).astype(jnp.int32)
+    count = luma.size
+    mean = (2 * jnp.sum(luma) + count) // (2 * count)
+    return _blend(mean.astype(jnp.float32), x, factor)
+
+
+def adjust_saturation(x: jax.Array, factor) -> jax.Array:
+    """PIL ``ImageEnhance.Color``: blend with the grayscale image."""
+    return _blend(_luma(x), x, factor)
+
+
+def adjust_hue(x: jax.Array, shift) -> jax.Array:
+    """torchvision's PIL ``adjust_hue``: to PIL's uint8 HSV, hue += int(shift * 255) modulo 256
+    (hue in 256ths of a turn, the shift truncated towards 0), back to RGB."""
+    return _hsv_to_rgb(*_rgb_to_hsv(x), shift)
+
+
+def grayscale(x: jax.Array) -> jax.Array:
+    """PIL ``convert('L')`` in all three channels: pixel floats [H, W, 3] -> [H, W, 3]."""
+    return jnp.broadcast_to(_luma(x), x.shape)
+
+
+def gaussian_blur(
+    x: jax.Array,
+    key: jax.Array,
+    kernel_size: int = BLUR_KERNEL,
+    sigma: tuple[float, float] = BLUR_SIGMA,
+) -> jax.Array:
+    """torchvision ``GaussianBlur`` (``augment.gaussian_blur``) with sigma ~ U(sigma)."""
+    return gaussian_filter(x, jax.random.uniform(key, (), minval=sigma[0], maxval=sigma[1]))
+
+
+def gaussian_filter(x: jax.Array, sigma, kernel_size: int = BLUR_KERNEL) -> jax.Array:
+    """Pixel floats [H, W, 3] blurred with standard deviation sigma, rounded half to even.
+
+    The kernel_size-tap kernel exp(-d^2 / (2 sigma^2)) at integer offsets d, normalised, along
+    both axes (separable), with reflect padding (the edge pixel not repeated). H and W must
+    exceed kernel_size // 2.
+    """
+    half = kernel_size // 2
+    if min(x.shape[0], x.shape[1]) <= half:
+        raise ValueError(f"the blur needs images larger than {half} px, got {x.shape[:2]}")
+    offsets = jnp.arange(kernel_size, dtype=jnp.float32) - half
+    pdf = jnp.exp(-0.5 * jnp.square(offsets / sigma))
+    kernel = pdf / jnp.sum(pdf)
+    padded = jnp.pad(x, ((half, half), (half, half), (0, 0)), mode="reflect")
+    height, width = x.shape[0], x.shape[1]
+    rows = sum(kernel[k] * padded[k : k + height] for k in range(kernel_size))
+    out = sum(kernel[k] * rows[:, k : k + width] for k in range(kernel_size))
+    return jnp.round(out)
+
+
+def _random_apply(x: jax.Array, key: jax.Array, p: float, op) -> jax.Array:
+    """op(x) with probability p, else x (torchvision ``RandomApply``)."""
+    return jax.lax.cond(jax.random.uniform(key) < p, op, lambda y: y, x)
+
+
+def _in_random_order(x: jax.Array, ops, key: jax.Array) -> jax.Array:
+    """The ops (each x -> same shape) composed in a uniformly random order.
+
+    A loop over the positions, so that the program holds each op once (under ``vmap`` every
+    op still runs at every position, and the drawn one is kept).
+    """
+    order = jax.random.permutation(key, len(ops))
+    return jax.lax.fori_loop(
+        0, len(ops), lambda position, y: jax.lax.switch(order[position], ops, y), x
+    )
+
+
+def _blend(degenerate, x: jax.Array, factor) -> jax.Array:
+    """PIL ``Image.blend(degenerate, x, factor)``: degenerate + factor (x - degenerate),
+    clipped to [0, 255] and truncated, as PIL stores it in uint8."""
+    return jnp.floor(jnp.clip(degenerate + factor * (x - degenerate), 0.0, 255.0))
+
+
+def _luma(x: jax.Array) -> jax.Array:
+    """PIL's RGB -> L, (299 R + 587 G + 114 B) / 1000 rounded, in its 16-bit fixed point:
+    pixel floats [..., 3] -> [..., 1], exact in int32."""
+    q = x.astype(jnp.int32)
+    weighted = sum(q[..., c : c + 1] * LUMA_WEIGHTS[c] for c in range(3))
+    return ((weighted + 32768) >> 16).astype(jnp.float32)
+
+
+def _rgb_to_hsv(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PIL's RGB -> HSV (``rgb2hsv_row``): pixel floats [H, W, 3] -> (h, s, v), each [H, W],
+    uint8 values (h in 256ths of a turn), each channel difference divided by the span and the
+    hue and saturation truncated as in PIL's C code (float32 where it mixes in doubles)."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    maxc = jnp.maximum(jnp.maximum(r, g), b)
+    span = maxc - jnp.minimum(jnp.minimum(r, g), b)
+    gray = span == 0
+    safe_span = jnp.where(gray, 1.0, span)
+    # PIL: red max -> bc - gc; else green max -> 2 + rc - bc; else 4 + gc - rc, where
+    # xc = (maxc - x) / span.
+    r_max = r == maxc
+    g_max = ~r_max & (g == maxc)
+    first = jnp.where(r_max, maxc - b, jnp.where(g_max, maxc - r, maxc - g)) / safe_span
+    second = jnp.where(r_max, maxc - g, jnp.where(g_max, maxc - b, maxc - r)) / safe_span
+    offset = jnp.where(r_max, 0.0, jnp.where(g_max, 2.0, 4.0))
+    turns = (offset + first - second) / 6.0 + 1.0  # In (5/6, 2): fmod(turns, 1) = frac.
+    turns = turns - jnp.floor(turns)
+    hue = jnp.where(gray, 0.0, jnp.floor(turns * 255.0))
+    saturation = jnp.where(gray, 0.0, jnp.floor(span / jnp.where(gray, 1.0, maxc) * 255.0))
+    return hue, saturation, maxc
+
+
+def _hsv_to_rgb(hue: jax.Array, saturation: jax.Array, value: jax.Array, shift) -> jax.Array:
+    """Hue shift by trunc(shift * 255) steps modulo 256, then PIL's HSV -> RGB (``hsv2rgb``):
+    uint8 values (h, s, v), each [H, W] -> pixel floats [H, W, 3].
+
+    Sector i and fraction f of h * 6 / 255 (formed from integers: exact i, f rounded once);
+    each channel is round(v (1 - w s / 255)) with its weight w in {0, 1, f, 1 - f} by sector,
+    which is PIL's v, p, q or t.
+    """
+    hue = jnp.mod(hue + jnp.trunc(shift * 255.0), 256.0)
+    sixths = hue * 6.0
+    k = jnp.floor(sixths / 255.0)  # 0..5, or 6 for h = 255 (C's i % 6 makes it sector 0).
+    f = (sixths - k * 255.0) / 255.0
+    # Sector k: (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q), and k = 6 as k = 0;
+    # v, p, q, t have weights 0, 1, f, 1 - f.
+    weight_r = jnp.where(
+        k == 1, f, jnp.where((k == 2) | (k == 3), 1.0, jnp.where(k == 4, 1.0 - f, 0.0))
+    )
+    weight_g = jnp.where(
+        (k == 0) | (k == 6),
+        1.0 - f,
+        jnp.where(k == 3, f, jnp.where((k == 4) | (k == 5), 1.0, 0.0)),
+    )
+    weight_b = jnp.where(
+        k == 2, 1.0 - f, jnp.where(k == 5, f, jnp.where((k == 3) | (k == 4), 0.0, 1.0))
+    )
+    weight = jnp.stack([weight_r, weight_g, weight_b], -1)
+    scale = 1.0 - weight * saturation[..., None] * (1.0 / 255.0)
+    return jnp.floor(value[..., None] * scale + 0.5)
