@@ -1,9 +1,11 @@
 """Frozen-feature probes on a pretraining run: `python probe.py --workdir runs/flowers`.
 
 Reads the run's checkpoint (context encoder by default, `--config.encoder=target` for the EMA
-one), trains the linear and attentive probes of SPEC §8 with the reference's recipe, prints a
-table and writes WORKDIR/probe/results.json. `--config` defaults to configs/probe.py; any
-field can be overridden with a dotted flag, e.g. `--config.num_epochs=10`.
+one, `--config.encoder=random` for the random-init baseline: the run's architecture with its
+step-0 weights, results in WORKDIR/probe_random/), trains the linear and attentive probes of
+SPEC §8 with the reference's recipe, prints a table and writes WORKDIR/probe/results.json.
+`--config` defaults to configs/probe.py; any field can be overridden with a dotted flag, e.g.
+`--config.num_epochs=10`.
 """
 
 import logging

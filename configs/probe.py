@@ -2,6 +2,7 @@
 
     python probe.py --workdir runs/digits
     python probe.py --workdir runs/flowers --config.encoder=target
+    python probe.py --workdir runs/digits --config.encoder=random   # random-init baseline
     python probe.py --workdir runs/flowers --config.selection=reference --config.output_dir=ref
 
 The reference's recipe (`configs/eval/classifier.yaml`): 100 epochs, warmup 20, lr 1e-6 ->
@@ -18,8 +19,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Which pretrained weights: 'context' (the reference's default) or the EMA 'target'
-    # encoder (SPEC §10.10); the checkpoint step (None: the latest).
+    # Which weights: 'context' (the reference's default) or the EMA 'target' encoder (SPEC
+    # §10.10) of the checkpoint `step` (None: the latest), or 'random': the run's architecture
+    # with its initial weights (step 0), the random-init baseline.
     config.encoder = "context"
     config.step = ml_collections.FieldReference(None, field_type=int)
     config.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # None: the run's
@@ -65,5 +67,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn.k = 20
     config.knn.temperature = 0.07
 
-    config.output_dir = "probe"  # relative to the workdir
+    # Relative to the workdir; None: 'probe', or 'probe_random' for encoder='random'.
+    config.output_dir = ml_collections.FieldReference(None, field_type=str)
     return config

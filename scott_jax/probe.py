@@ -2,6 +2,7 @@
 
     python probe.py --workdir runs/digits                    # configs/probe.py
     python probe.py --workdir runs/flowers --config.encoder=target
+    python probe.py --workdir runs/flowers --config.encoder=random   # the random-init baseline
     python probe.py --workdir runs/flowers --config.selection=reference --config.output_dir=ref
 
 `run_probes(config, workdir)`:
@@ -10,8 +11,12 @@
    config and its weights are read from the run's checkpoint: the context encoder (the
    reference's default) or the EMA target encoder (`config.encoder`). A missing checkpoint or
    one that does not match the encoder its config describes is an error, never a random
-   backbone. It is frozen and called without a mask, deterministically, and its patch features
-   get the non-affine LayerNorm (eps 1e-5) before every probe.
+   backbone. `config.encoder='random'` is the random-init baseline: the same encoder with the
+   run's initial weights (step 0: `encoder.init` with the key that pretraining draws its
+   context encoder from, `split(key(seed), 3)[0]`), never trained; its results say
+   'random' and step 0 and go to `probe_random/` by default. It is frozen and called without
+   a mask, deterministically, and its patch features get the non-affine LayerNorm (eps 1e-5)
+   before every probe.
 2. Probes (SPEC §8.2-8.3): linear, cross-attentive, simple- and multi-head attentive, trained
    simultaneously on the same batches with cross-entropy, each with its own AdamW and the
    reference's schedule (SPEC §6.4-6.5; `configs/probe.py`).
@@ -34,7 +39,8 @@
    reported as such). Each probe is reported at its own epoch; `best` is the attentive probe
    with the highest selection score, ties to the later epoch, then the reference's order
    (multi, cross, simple): under `'reference'` exactly the reference's best-of-three.
-6. Output: `WORKDIR/<output_dir>/results.json` and `metrics.jsonl` (one row per evaluated
+6. Output: `WORKDIR/<output_dir>/results.json` (`output_dir` None: 'probe', or 'probe_random'
+   for the random encoder) and `metrics.jsonl` (one row per evaluated
    epoch), replaced by each run, plus a k-NN accuracy on mean-pooled features.
 
 Never imports `scott_jax.train` (STYLE.md): a run is read through its checkpoint only.
@@ -67,7 +73,9 @@ from scott_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
-ENCODERS = ("context", "target")
+ENCODERS = ("context", "target", "random")
+#: Where results go when `config.output_dir` is None, per encoder.
+DEFAULT_OUTPUT_DIRS = {"context": "probe", "target": "probe", "random": "probe_random"}
 SELECTION_RULES = ("holdout", "last", "reference")
 #: The "top-5" of top-5 accuracy; capped at the number of classes.
 TOP_K = 5
@@ -207,12 +215,12 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class Backbone(NamedTuple):
-    """A pretrained encoder read from a run: module, numpy params and where they came from."""
+    """A run's encoder: module, numpy params and where they came from."""
 
     encoder: Encoder
     params: dict
-    which: str  # 'context' or 'target'
-    step: int
+    which: str  # 'context', 'target' or 'random'
+    step: int  # of the checkpoint the params come from; 0 for random
     train_config: dict
 
 
@@ -225,6 +233,9 @@ def load_backbone(
 ) -> Backbone:
     """The `encoder` ('context' or 'target') of a pretraining run at `step` (default: latest).
 
+    `encoder='random'`: the same architecture (from the config saved at `step`) with the run's
+    initial weights instead, `encoder.init(split(key(config.seed), 3)[0])` as pretraining
+    draws its context encoder at step 0 (`scott_jax.train.create_state`); `step` is then 0.
     Reads `WORKDIR/checkpoints` (config and state) without creating anything. Fails loudly
     (SPEC §10.15): FileNotFoundError when the workdir has no checkpoint, ValueError when the
     saved weights are not exactly (same leaves, shapes and dtypes) those of the encoder that
@@ -244,6 +255,10 @@ def load_backbone(
     step = int(tree["step"]) if step is None else int(step)
     train_config = load_config(directory, step)
     module = encoder_from_config(train_config, compute_dtype)
+    image = jax.ShapeDtypeStruct((1, module.img_size, module.img_size, 3), jnp.float32)
+    if encoder == "random":
+        params = random_init_params(module, train_config["seed"])
+        return Backbone(module, params, encoder, 0, train_config)
     where = f"the {encoder} encoder of step {step} in {directory}"
     keys = ("params", "context_encoder") if encoder == "context" else ("target_params",)
     params = tree
@@ -254,10 +269,16 @@ def load_backbone(
                 f"{sorted(tree)})"
             )
         params = params[key]
-    image = jax.ShapeDtypeStruct((1, module.img_size, module.img_size, 3), jnp.float32)
     expected = jax.eval_shape(module.init, jax.random.key(0), image)["params"]
     _check_params(params, expected, where, train_config)
     return Backbone(module, params, encoder, step, train_config)
+
+
+def random_init_params(module: Encoder, seed: int) -> dict:
+    """Numpy params of `module` as a run with `seed` initialises its context encoder."""
+    rng = jax.random.split(jax.random.key(seed), 3)[0]
+    image = jnp.zeros((1, module.img_size, module.img_size, 3), jnp.float32)
+    return jax.device_get(jax.jit(module.init)(rng, image)["params"])
 
 
 def _check_params(params, expected, where: str, train_config: Mapping) -> None:
@@ -553,7 +574,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         data.steps_per_epoch,
         "in-step (augmented)" if config.augment else "cached",
     )
-    output_dir = os.path.join(workdir, config.output_dir)
+    output_dir = os.path.join(workdir, config.output_dir or DEFAULT_OUTPUT_DIRS[backbone.which])
     history, seconds = _train_probes(
         config,
         probes,

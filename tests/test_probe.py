@@ -391,6 +391,41 @@ def test_target_encoder_is_the_ema_copy(pretrained_workdir):
     assert a.shape == b.shape and not np.array_equal(a, b)  # 2 EMA steps with m < 1
 
 
+def test_random_encoder_is_the_runs_initial_context_encoder(pretrained_workdir):
+    """The random-init baseline: the run's architecture with the weights of its step 0."""
+    from scott_jax import train
+    from scott_jax.sharding import make_mesh
+
+    backbone = probe_lib.load_backbone(pretrained_workdir, encoder="random")
+    assert (backbone.which, backbone.step) == ("random", 0) and backbone.encoder.depth == 1
+    config = tiny_pretraining_config()
+    trainer = train.build_trainer(config, train.schedule_lengths(config, 1797), make_mesh())
+    initial = jax.device_get(trainer.init(jax.random.key(config.seed)).params["context_encoder"])
+    chex.assert_trees_all_equal(backbone.params, initial)
+    trained = probe_lib.load_backbone(pretrained_workdir).params
+    assert not np.array_equal(
+        trained["transformer"]["block_0"]["attn"]["qkv"]["kernel"],
+        backbone.params["transformer"]["block_0"]["attn"]["qkv"]["kernel"],
+    )
+
+
+def test_random_encoder_probe_run_is_recorded_as_such(pretrained_workdir):
+    config = probe_config(
+        encoder="random",
+        num_epochs=1,
+        labels_per_class=10,
+        augment=False,
+        probes=("linear",),
+        **{"optim.lr_warmup_epochs": 0.5},
+    )
+    results = probe_lib.run_probes(config, pretrained_workdir)
+    with open(pretrained_workdir / "probe_random" / "results.json") as f:
+        saved = json.load(f)
+    assert saved["encoder"] == "random" and saved["checkpoint_step"] == 0
+    assert saved["probes"]["linear"]["encoder"] == "random"
+    assert "random encoder of step 0" in probe_lib.format_table(results)
+
+
 def test_missing_workdir_or_checkpoint_is_a_loud_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pretraining run"):
         probe_lib.load_backbone(tmp_path / "nowhere")
