@@ -9,9 +9,9 @@ than the wall clock by other processes on the machine), the load average and the
 GPU step that consumes N images/s needs about N / images_per_cpu_sec host cores for the input.
 
 ``--color-on-device`` measures the pipeline mode that leaves the colour augmentation and the
-normalisation to the jitted step (``config.data.color_on_device``); it then also times
-``device_augment.two_views`` on one batch on JAX's default backend (device_ms_per_batch), so
-on a GPU machine one run tells both halves of the cost.
+normalisation to the jitted step (``config.data.color_on_device``); ``--time-device`` then
+also times ``device_augment.two_views`` on one batch on JAX's default backend
+(device_ms_per_batch), so that on a GPU machine one run tells both halves of the cost.
 """
 
 import argparse
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--aug", default="diff")
     parser.add_argument("--color-on-device", action="store_true")
+    parser.add_argument("--time-device", action="store_true", help="with --color-on-device")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -61,7 +62,7 @@ def main() -> None:
         "sec_per_batch": round(seconds / args.batches, 4),
         "num_examples": source.num_examples,
     }
-    if args.color_on_device:
+    if args.color_on_device and args.time_device:
         result.update(device_cost(images, args.aug, args.seed))
     print(json.dumps({**result, **vars(args)}))
 

@@ -57,12 +57,12 @@ def test_contrast_mean_is_the_rounded_luma_mean():
 
 @pytest.mark.parametrize("shift", [-0.0713, 0.0, 0.0391])
 def test_hue_is_tf_hue_but_for_rare_steps(shift):
-    """PIL's uint8 HSV round trip; float32 where PIL (and the TF op) use doubles puts ~0.5 % of
+    """PIL's uint8 HSV round trip; float32 where PIL (and the TF op) use doubles puts ~0.1 % of
     colours one hue step (1/256 turn) off, a few levels in one channel."""
     ours = np.asarray(jax.jit(device_augment.adjust_hue)(COLOURS, shift))
     theirs = augment._shift_hue(COLOURS, tf.constant(np.float32(shift), tf.float64)).numpy()
     off = np.any(ours != theirs, axis=-1)
-    assert np.mean(off) < 0.01 and np.abs(ours - theirs).max() <= 8
+    assert np.mean(off) < 0.004 and np.abs(ours - theirs).max() <= 8
     # The shift itself: pure red moves by int(shift * 255) / 256 of a turn.
     red = np.asarray(device_augment.adjust_hue(np.array([[[255.0, 0, 0]]]), shift))[0, 0]
     turns = colorsys.rgb_to_hsv(*(red / 255))[0]
