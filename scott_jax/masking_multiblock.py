@@ -31,7 +31,7 @@ The upstream quirks of SPEC §10.25 are fixed by default and reproduced by flags
 
 `multiblock_masks` is a pure function of (seed, step, process_index), like the MIM-JEPA
 masks (scott_jax.masking): a resumed run draws what the uninterrupted run drew. It runs
-in the input thread (scott_jax.train.prefetch), about a millisecond per batch of 128 at
+in the input thread (scott_jax.train.prefetch): about 3 ms per batch of 128 at
 14x14 (vectorised over the batch; only rejected contexts loop).
 """
 

@@ -292,6 +292,9 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
         stop.set()  # the consumer is gone (closed or failed): let the producer end
 
 
+# --------------------------------------------------------------------------- trainer
+
+
 class Trainer(NamedTuple):
     """A method's pieces of a run on a mesh: jitted `init(rng) -> state` and
     `step(state, batch) -> (state, metrics)`, and `add_masks(batches, start_step)`, the
