@@ -175,9 +175,12 @@ class Encoder(nn.Module):
                     f"{self.patch_size} is not supported (use tokenizer='vit' for other sizes)"
                 )
             return ScottTokenizer(
-                self.embed_dim, self.img_size, conv_impl=self.conv_impl, dtype=self.dtype,
+                self.embed_dim,
+                self.img_size,
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
                 name="tokenizer",
-            )  # fmt: skip
+            )
         if self.tokenizer == "vit":
             return PatchEmbedTokenizer(
                 self.embed_dim, self.img_size, self.patch_size, dtype=self.dtype, name="tokenizer"
@@ -254,12 +257,9 @@ class Predictor(nn.Module):
         queries = mask_token.astype(self.dtype) + pos[target_idx]  # [B, M, Kt, P]
         x = jnp.broadcast_to(x[:, None], (batch, num_targets, *x.shape[1:]))
         x = jnp.concatenate([x, queries], axis=2)
-        valid = jnp.concatenate(
-            [jnp.broadcast_to(context_valid[:, None], (batch, num_targets, num_context)),
-             target_valid],
-            axis=2,
-        )  # fmt: skip
-        length = num_context + target_length
+        context_valid = jnp.broadcast_to(context_valid[:, None], (batch, num_targets, num_context))
+        valid = jnp.concatenate([context_valid, target_valid], axis=2)
+        length = num_context + target_length  # sequences in b-major order: [B·M, L, P]
         x = Transformer(
             self.depth,
             self.num_heads,
