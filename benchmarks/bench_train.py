@@ -6,8 +6,14 @@
 The step is the one the training loop runs (`scott_jax.train.build_trainer`): target forward,
 masked context forward, predictor, loss, backward, AdamW and EMA, jitted and donated. Prints
 one JSON line: sec_per_step (median over --steps, compilation and --warmup steps excluded),
-images_per_sec, compile_sec, flops_per_step (XLA's cost analysis), achieved_tflops, and on a
-GPU/TPU with a known peak the MFU.
+step_times, images_per_sec, compile_sec, flops_per_step (XLA's cost analysis),
+achieved_tflops, peak_memory_gb (XLA's memory analysis of the compiled step: arguments +
+outputs - aliased + temporaries), peak_rss_gb (the process), and on a GPU/TPU with a known
+peak the MFU.
+
+`--compile-only` lowers and compiles without running (no step_times, no timings): the way
+to read the compiled memory of a configuration too large for this machine, e.g.
+`--variant scott-12/16 --batch 128 --dtype bfloat16 --conv-impl xla --compile-only`.
 """
 
 import argparse
@@ -33,7 +39,8 @@ PEAK_TFLOPS = {
 }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """Command-line flags, shared with profile_step.py."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="scott-7/16")
     parser.add_argument("--img-size", type=int, default=224)
@@ -42,8 +49,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mask-ratio", type=float, default=0.6)
-    args = parser.parse_args()
+    parser.add_argument("--conv-impl", default="auto", help="config.model.conv_impl")
+    parser.add_argument("--remat", action="store_true", help="config.model.remat")
+    parser.add_argument("--compile-only", action="store_true", help="memory, no timing")
+    return parser
 
+
+def setup(args):
+    """(trainer, initial state, synthetic batch on the mesh) for the parsed flags."""
     import jax
     import numpy as np
 
@@ -54,6 +67,9 @@ def main() -> None:
     config = common.get_config()
     config.variant, config.img_size, config.batch_size = args.variant, args.img_size, args.batch
     config.compute_dtype = args.dtype
+    config.model.conv_impl = args.conv_impl
+    if args.remat:
+        config.model.remat = True
     lengths = dict(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)
     trainer = train.build_trainer(config, lengths, make_mesh())
     rng = np.random.default_rng(0)
@@ -65,44 +81,66 @@ def main() -> None:
         "keep_mask": masking.keep_masks(0, 0, args.batch, grid, args.mask_ratio).astype(np.int32),
     }
     batch = jax.device_put(batch, trainer.data_sharding)
-    state = trainer.init(jax.random.key(0))
+    state = jax.eval_shape(trainer.init, jax.random.key(0))
+    if not args.compile_only:
+        state = trainer.init(jax.random.key(0))
+    return trainer, state, batch
 
+
+def peak_memory_gb(compiled) -> float | None:
+    """XLA's compiled peak: arguments + outputs - donated aliases + temporaries, in GiB."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return round(total / 2**30, 3)
+
+
+def main() -> None:
+    args = parser().parse_args()
+
+    import jax
+
+    trainer, state, batch = setup(args)
     start = time.perf_counter()
     compiled = trainer.step.lower(state, batch).compile()
     compile_sec = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", float("nan")))
-    memory = compiled.memory_analysis()
-
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    sec = statistics.median(times)
     device = jax.devices()[0]
-    peak = PEAK_TFLOPS.get((device.device_kind, args.dtype))
     result = {
-        "sec_per_step": round(sec, 4),
-        "images_per_sec": round(args.batch / sec, 2),
         "compile_sec": round(compile_sec, 2),
         "flops_per_step": flops,
-        "achieved_tflops": round(flops / sec / 1e12, 4),
-        "step_times": [round(t, 4) for t in times],
-        "mfu": None if peak is None else round(flops / sec / 1e12 / peak, 4),
-        "peak_memory_gb": None
-        if memory is None
-        else round((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**30, 3),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_memory_gb": peak_memory_gb(compiled),
         "device": device.device_kind,
         "num_devices": jax.device_count(),
-        "loss": float(metrics["loss"]),
-        **vars(args),
     }
-    print(json.dumps(result))
+    if not args.compile_only:
+        times = []
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        sec = statistics.median(times)
+        peak = PEAK_TFLOPS.get((device.device_kind, args.dtype))
+        result.update(
+            sec_per_step=round(sec, 4),
+            step_times=[round(t, 4) for t in times],
+            images_per_sec=round(args.batch / sec, 2),
+            achieved_tflops=round(flops / sec / 1e12, 4),
+            mfu=None if peak is None else round(flops / sec / 1e12 / peak, 4),
+            loss=float(metrics["loss"]),
+        )
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    print(json.dumps({**result, **vars(args)}))
 
 
 if __name__ == "__main__":

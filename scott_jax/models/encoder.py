@@ -21,7 +21,11 @@ TOKENIZERS = ("scott", "vit")
 
 
 class Encoder(nn.Module):
-    """SCOTT (`tokenizer='scott'`) or patch-embed ViT (`tokenizer='vit'`) encoder (SPEC §1-3)."""
+    """SCOTT (`tokenizer='scott'`) or patch-embed ViT (`tokenizer='vit'`) encoder (SPEC §1-3).
+
+    `remat=True` (gradient checkpointing) recomputes the SCOTT stem stages and the
+    transformer blocks in the backward pass: same numbers, much less activation memory.
+    """
 
     tokenizer: str
     img_size: int
@@ -36,6 +40,7 @@ class Encoder(nn.Module):
     stochastic_depth_rate: float = 0.0
     num_register_tokens: int = 0
     conv_impl: str = "auto"
+    remat: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -57,6 +62,7 @@ class Encoder(nn.Module):
                 self.embed_dim,
                 self.img_size,
                 conv_impl=self.conv_impl,
+                remat=self.remat,
                 dtype=self.dtype,
                 name="tokenizer",
             )
@@ -83,6 +89,7 @@ class Encoder(nn.Module):
             attention_dropout=self.attention_dropout,
             stochastic_depth_rate=self.stochastic_depth_rate,
             num_register_tokens=self.num_register_tokens,
+            remat=self.remat,
             dtype=self.dtype,
             name="transformer",
         )(tokens, keep_mask, train=train)

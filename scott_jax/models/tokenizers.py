@@ -69,6 +69,46 @@ def _binomial_stride2(x: jax.Array, axis: int) -> jax.Array:
     return (tap(0) + 2.0 * tap(1) + tap(2)) * 0.25
 
 
+def _window_taps(x: jax.Array) -> tuple[jax.Array, ...]:
+    """The four taps of 2x2 stride-1 windows of [B, H, W, C], row-major: each [B, H-1, W-1, C]."""
+    return tuple(
+        x[:, i : x.shape[1] - 1 + i, j : x.shape[2] - 1 + j] for i in (0, 1) for j in (0, 1)
+    )
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pool, stride 1, no padding: [B, H, W, C] -> [B, H-1, W-1, C].
+
+    The gradient goes to the first maximum of each window in row-major order (PyTorch's
+    tie rule). Written as four shifted slices rather than `reduce_window` because XLA:CPU
+    lowers the latter's gradient to a scatter with int32 index tensors 4x the size of the
+    activation: slow, and the largest buffers of the step. Here the backward pass is a
+    handful of fused element-wise ops.
+    """
+    a, b, c, d = _window_taps(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_2x2_fwd(x):
+    return max_pool_2x2(x), x
+
+
+def _max_pool_2x2_bwd(x, grad):
+    pooled = max_pool_2x2(x)
+    taken = jnp.zeros(pooled.shape, bool)
+    dx = jnp.zeros_like(x)
+    for (i, j), tap in zip(((0, 0), (0, 1), (1, 0), (1, 1)), _window_taps(x), strict=True):
+        first = (tap == pooled) & ~taken
+        taken = taken | first
+        routed = jnp.where(first, grad, jnp.zeros_like(grad))
+        dx = dx + jnp.pad(routed, ((0, 0), (i, 1 - i), (j, 1 - j), (0, 0)))
+    return (dx,)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
 def max_blur_pool(x: jax.Array) -> jax.Array:
     """Anti-aliased pooling (Zhang 2019): [B, H, W, C] -> [B, H/2, W/2, C] for even H, W.
 
@@ -78,7 +118,7 @@ def max_blur_pool(x: jax.Array) -> jax.Array:
     the same numbers, and 3-4x faster forward+backward on XLA:CPU, where depthwise convs
     are slow. It is a constant, not a parameter.
     """
-    x = nn.max_pool(x, (2, 2), strides=(1, 1), padding="VALID")
+    x = max_pool_2x2(x)
     return _binomial_stride2(_binomial_stride2(x, 1), 2)
 
 
@@ -132,12 +172,17 @@ class ScottTokenizer(nn.Module):
     resolution, so no information from a masked patch reaches any output and masked
     tokens leave as exact zeros. The max pool *inside* MaxBlurPool is not re-masked
     (faithful to the reference, SPEC §10.19). Without a mask the stem is dense.
+
+    `remat=True` stores only each conv's input and output for the backward pass and
+    recomputes the rest (im2col taps, ReLU, masks, pooling): the full-resolution stem
+    activations dominate the step's memory at 224 px.
     """
 
     embed_dim: int
     img_size: int
     stem_dim: int = 64
     conv_impl: str = "auto"
+    remat: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -156,13 +201,18 @@ class ScottTokenizer(nn.Module):
             def remask(y):
                 return y * upsample_mask(active, y.shape[1])
 
+        def activate_and_pool(y):
+            return remask(max_blur_pool(nn.relu(remask(y))))
+
+        conv = StemConv
+        if self.remat:
+            conv = nn.remat(StemConv)
+            activate_and_pool = jax.checkpoint(activate_and_pool)
         x = remask(x)
         for i, features in enumerate((self.stem_dim, self.embed_dim)):
             # The stem conv (3 input channels) stays an XLA conv: im2col would not pay there.
             impl = "xla" if i == 0 else self.conv_impl
-            x = StemConv(features, impl, self.dtype, name=f"conv_{i}")(x)
-            x = nn.relu(remask(x))
-            x = remask(max_blur_pool(x))
+            x = activate_and_pool(conv(features, impl, self.dtype, name=f"conv_{i}")(x))
         return x.reshape(batch, grid * grid, self.embed_dim)
 
 

@@ -176,7 +176,8 @@ class Block(nn.Module):
         return drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # `train` may be positional: `nn.remat` needs it as a static positional argument.
         y = Attention(
             self.num_heads,
             self.dropout_rate,
@@ -203,7 +204,8 @@ class Transformer(nn.Module):
     registers) is added, then position dropout and the blocks; registers are dropped at
     the end. Block i's output projections start at std 0.02 / ∏_o √(2(i+1+o)) over
     `rescale_offsets`: (0,) for the encoder, (0, backbone_depth) for the predictor's
-    faithful double rescale (SPEC §4, §10.4).
+    faithful double rescale (SPEC §4, §10.4). `remat=True` recomputes each block's
+    activations in the backward pass instead of storing them (same numbers, less memory).
     """
 
     depth: int
@@ -217,6 +219,7 @@ class Transformer(nn.Module):
     num_register_tokens: int = 0
     use_mask_token: bool = True
     rescale_offsets: Sequence[int] = (0,)
+    remat: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -249,9 +252,10 @@ class Transformer(nn.Module):
         x = x + jnp.asarray(pos_embed, self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         drop_path_rates = np.linspace(0.0, self.stochastic_depth_rate, self.depth)
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(self.depth):
             divisor = float(np.prod([np.sqrt(2.0 * (i + 1 + o)) for o in self.rescale_offsets]))
-            x = Block(
+            x = block(
                 num_heads=self.num_heads,
                 ffn_layer=self.ffn_layer,
                 mlp_ratio=self.mlp_ratio,
@@ -261,5 +265,5 @@ class Transformer(nn.Module):
                 out_init_std=LINEAR_STD / divisor,
                 dtype=self.dtype,
                 name=f"block_{i}",
-            )(x, train=train)
+            )(x, train)
         return x[:, self.num_register_tokens :]
