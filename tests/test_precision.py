@@ -15,7 +15,7 @@ from scott_jax.models.tokenizers import max_pool_2x2
 from scott_jax.sharding import make_mesh
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # for `configs`
-from configs import common  # noqa: E402
+from configs import common
 
 
 def test_max_pool_matches_reduce_window_forward_and_gradient():
