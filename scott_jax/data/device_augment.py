@@ -3,8 +3,9 @@
 With ``config.data.color_on_device`` the input pipeline yields each example's cropped, flipped
 view as uint8 (``pretrain_batches(color_on_device=True)``) and ``two_views`` here makes the
 context and target views from it on the accelerator: per view the colour augmentation
-(``color_augment``), then ImageNet normalisation. That takes the colour ops, about two thirds
-of the host's work per image with ``aug='diff'``, off the CPU cores.
+(``color_augment``), then ImageNet normalisation. With ``aug='diff'`` that halves the host's
+CPU time per image (the colour ops and the normalisation of two views; measured with
+``benchmarks/bench_input.py``).
 
 Same semantics as ``augment``'s TensorFlow ops: the same ops, probabilities, parameter ranges
 and random order, and the same arithmetic on the 0..255 grid that the reference's PIL images

@@ -75,7 +75,7 @@ def pretrain_batches(
     color_on_device: yield instead 'view': uint8 [b, img_size, img_size, 3], the shared crop +
     flip before any colour op or normalisation, and 'label'. The jitted step then makes the
     two views with ``device_augment.two_views`` (same ``aug``): the host decodes, crops and
-    resizes only, and sends a quarter of the bytes (one uint8 view instead of two float32).
+    resizes only, and sends an eighth of the bytes (one uint8 view instead of two float32).
     """
     lo, hi = _local_rows(batch_size, process_index, process_count)
     epoch_steps = steps_per_epoch(source.num_examples, batch_size)
@@ -175,7 +175,7 @@ def _window_reader(source: Source, crop_scale: tuple[float, float]):
 
     ``augment.random_resized_crop`` without the resize, with the same window for the same seed.
     A JPEG (in memory or on disk) has only its window decoded (``decode_and_crop_jpeg``: the
-    iDCT of the other blocks is skipped, ~1.4x faster on average over the crop scales). Its
+    iDCT of the other blocks is skipped: ~1.2x faster decoding over the crop scales). Its
     pixels can differ from a full decode's by a few levels along the window's edge, where
     libjpeg upsamples the chroma from fewer neighbours; other formats are decoded in full.
     """
