@@ -93,16 +93,15 @@ PROBE = np.zeros((24, 24, 3), np.uint8)
 PROBE[:12] = [200, 100, 50]
 PROBE[12:, 12:] = 255
 DRAWS = 1000
+BATCH = jnp.asarray(np.broadcast_to(PROBE, (DRAWS, *PROBE.shape)))
+#: One jitted function for all tests: each (aug, sharding) compiles once.
+TWO_VIEWS = jax.jit(device_augment.two_views, static_argnums=2)
 
 
 @pytest.fixture(scope="module")
 def views():
     """{aug: (context, target)} of the probe image repeated DRAWS times, one key."""
-    batch = jnp.asarray(np.broadcast_to(PROBE, (DRAWS, *PROBE.shape)))
-    key = jax.random.key(3)
-    out = {}
-    for aug in AUGMENTATIONS:
-        out[aug] = jax.jit(device_augment.two_views, static_argnums=2)(batch, key, aug)
+    out = {aug: TWO_VIEWS(BATCH, jax.random.key(3), aug) for aug in AUGMENTATIONS}
     return {aug: tuple(np.asarray(v) for v in pair) for aug, pair in out.items()}
 
 
@@ -119,17 +118,14 @@ def test_two_views_contract(views):
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_two_views_depends_on_the_key_and_checks_input():
-    batch = jnp.asarray(np.broadcast_to(PROBE, (8, *PROBE.shape)))
-    one = device_augment.two_views(batch, jax.random.key(0), "diff")
-    again = device_augment.two_views(batch, jax.random.key(0), "diff")
-    other = device_augment.two_views(batch, jax.random.key(1), "diff")
-    np.testing.assert_array_equal(one[1], again[1])
-    assert np.any(one[1] != other[1])
+def test_two_views_depends_on_the_key_and_checks_input(views):
+    other = np.asarray(TWO_VIEWS(BATCH, jax.random.key(4), "diff")[1])
+    np.testing.assert_array_equal(TWO_VIEWS(BATCH, jax.random.key(3), "diff")[1], views["diff"][1])
+    assert np.mean(np.any(other != views["diff"][1], axis=(1, 2, 3))) > 0.5
     with pytest.raises(ValueError, match="unknown augmentation"):
-        device_augment.two_views(batch, jax.random.key(0), "bogus")
+        device_augment.two_views(BATCH, jax.random.key(0), "bogus")
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
-        device_augment.two_views(batch[0], jax.random.key(0), "diff")
+        device_augment.two_views(BATCH[0], jax.random.key(0), "diff")
 
 
 def test_marginal_frequencies_match_the_tf_augmentation(views):
@@ -176,14 +172,14 @@ def test_importing_device_augment_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_two_views_do_not_depend_on_the_sharding():
-    """Inside a step jitted over a mesh, the views are those of the unsharded eager call (the
-    same draws; jit and eager normalise with different float rounding)."""
-    batch = jnp.asarray(RNG.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    key = jax.random.key(5)
+def test_two_views_do_not_depend_on_the_sharding(views):
+    """Inside a step jitted over a mesh, the views are those of the unsharded call (a
+    per-shard draw would change most views)."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     step = jax.jit(device_augment.two_views, static_argnums=2, out_shardings=sharding)
-    sharded = step(jax.device_put(batch, sharding), key, "diff")
-    for ours, theirs in zip(sharded, device_augment.two_views(batch, key, "diff"), strict=True):
-        np.testing.assert_allclose(ours, theirs, atol=1e-5)  # A pixel level is 0.017.
+    sharded = step(jax.device_put(BATCH, sharding), jax.random.key(3), "diff")
+    for ours, theirs in zip(sharded, views["diff"], strict=True):
+        # The same draws; another compilation may round a boundary pixel one level (0.017) off.
+        diff = np.abs(np.asarray(ours) - theirs)
+        assert diff.max() < 0.02 and np.mean(diff > 1e-5) < 1e-4
