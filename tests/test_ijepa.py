@@ -255,7 +255,7 @@ def test_ijepa_schedules_follow_the_official_code():
 
 def tiny_ijepa_config(**overrides):
     """A ViT at 64 px with 8 px patches (8x8 grid), width 32, 1 block each, min_keep 3."""
-    config = tiny_config(method="ijepa", variant="vit-7/16", **overrides)
+    config = tiny_config(**{"method": "ijepa", "variant": "vit-7/16", **overrides})
     config.model.patch_size = 8
     config.ijepa.min_keep = 3
     config.ijepa.target_scale = (0.1, 0.3)  # 9-20 patches: sizes vary over the first steps
