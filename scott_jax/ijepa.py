@@ -184,6 +184,11 @@ def build_trainer(
     num_classes: int | None = None,
 ) -> train.Trainer:
     """I-JEPA's `train.Trainer`: the `config.ijepa` WD and EMA schedules, static mask shapes."""
+    if config.data.color_on_device:
+        raise ValueError(
+            "config.data.color_on_device is for MIM-JEPA's two views; I-JEPA reads one view "
+            "(the recipe has no colour augmentation): set it to False"
+        )
     encoder, predictor = build_models(config)
     spec = MultiBlockSpec.from_config(config, encoder.grid_size)
     check_spec(spec)  # fail here, not in the input thread

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from scott_jax import masking, objectives, optim
 from scott_jax.checkpoint import Checkpointer, preemption_guard
+from scott_jax.data import device_augment  # JAX only: imports no TensorFlow
 from scott_jax.models import build_predictor, encoder_from_config
 from scott_jax.models.probes import SimpleAttentiveProbe
 from scott_jax.sharding import make_mesh, to_global
@@ -149,16 +150,24 @@ def train_step(
     tx,
     schedules,
     seed: int,
+    aug: str = "none",
     probe=None,
     probe_tx=None,
 ):
     """One MIM-JEPA update (SPEC §6.2); returns (new state, metrics of this step).
 
-    batch: 'context', 'target' [B, S, S, 3] (two views of the same crop), 'keep_mask'
-    [B, N] (1 = visible), and 'label' [B] when the online probe is on. Randomness is
-    `fold_in(seed, step)`, so a resumed run draws the same dropout as an uninterrupted one.
+    batch: 'context', 'target' [B, S, S, 3] (two views of the same crop), or instead 'view'
+    [B, S, S, 3] uint8 (`config.data.color_on_device`: the crop, coloured here with `aug`),
+    'keep_mask' [B, N] (1 = visible), and 'label' [B] when the online probe is on. Randomness
+    is `fold_in(seed, step)`, so a resumed run draws the same dropout and colours as an
+    uninterrupted one.
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    if "view" in batch:  # colour and normalise both views on the accelerator
+        context_view, target_view = device_augment.two_views(
+            batch["view"], jax.random.fold_in(rng, 2), aug
+        )
+        batch = {**batch, "context": context_view, "target": target_view}
     keep_mask = batch["keep_mask"]
     # 2. Targets: the EMA target encoder on the unmasked target view, LN'd, no gradient.
     targets = objectives.target_features(
@@ -249,7 +258,7 @@ def masked_batches(batches: Iterator[dict], config, grid: int, start_step: int) 
         mask = masking.keep_masks(
             config.seed,
             step,
-            batch["context"].shape[0],
+            batch["label"].shape[0],
             grid,
             config.mask.ratio,
             mask_type=config.mask.type,
@@ -388,6 +397,7 @@ def build_trainer(
         tx=tx,
         schedules=make_schedules(opt_kwargs, config),
         seed=config.seed,
+        aug=config.data.aug,
         probe=probe,
         probe_tx=probe_tx,
     )
@@ -456,6 +466,7 @@ def train_and_evaluate(
         process_count=jax.process_count(),
         crop_scale=tuple(config.data.crop_scale),
         aug=config.data.aug,
+        color_on_device=config.data.color_on_device,
     )
     batches = prefetch(trainer.add_masks(local_batches, start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None

@@ -15,6 +15,7 @@ import pytest
 
 from scott_jax import masking, train
 from scott_jax.checkpoint import Checkpointer
+from scott_jax.data.augment_spec import IMAGENET_MEAN, IMAGENET_STD
 from scott_jax.sharding import make_mesh
 from scott_jax.writers import read_metrics
 
@@ -168,6 +169,28 @@ def test_bfloat16_compute_keeps_float32_params():
     assert np.isfinite(history[0]["loss"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)
+
+
+def test_colour_on_device_step_equals_the_host_views_step():
+    """`config.data.color_on_device`: a uint8 'view' batch, normalised in the step (aug='none'),
+    trains exactly like the host pipeline's normalised 'context' / 'target' views."""
+    config = tiny_config(**{"data.aug": "none"})
+    lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
+    trainer = train.build_trainer(config, lengths, make_mesh(jax.devices()[:1]))
+    batch = synthetic_batch(config, 8)
+    view = np.random.default_rng(1).integers(0, 256, batch["context"].shape, dtype=np.uint8)
+    normalised = (view / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    host = {**batch, "context": normalised.astype(np.float32)}
+    host["target"] = host["context"]
+    on_device = {k: v for k, v in batch.items() if k not in ("context", "target")}
+    on_device["view"] = view
+    losses = []
+    for step_batch in (host, on_device):
+        state = trainer.init(jax.random.key(0))
+        _, metrics = trainer.step(state, jax.device_put(step_batch, trainer.data_sharding))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert losses[0] > 0
 
 
 @pytest.mark.slow
