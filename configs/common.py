@@ -98,4 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.log_every_steps = 50
     config.online_probe = False  # SPEC §6.7 monitoring probe on target features
+    # Online k-NN (cosine, k=20) of the target and context encoders' pooled features,
+    # probe_train -> test, every this many epochs and at the end (0: off; needs labels).
+    config.knn_every_epochs = 0.0
     return config

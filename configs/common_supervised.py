@@ -23,7 +23,7 @@ def supervised(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval_every_epochs = 5
     config.output_dir = "supervised"  # results.json, relative to the workdir
     # Pretraining-only fields: no masks, predictor, EMA target or online probe here.
-    for name in ("mask", "predictor", "online_probe", "ijepa"):
+    for name in ("mask", "predictor", "online_probe", "knn_every_epochs", "ijepa"):
         if name in config:
             del config[name]
     del config.optim["ema_start"], config.optim["ema_final"]

@@ -23,4 +23,5 @@ def get_config():
     config.data.crop_scale = (0.6, 1.0)
     config.checkpoint_every_steps = 200
     config.log_every_steps = 20
+    config.knn_every_epochs = 5.0
     return config

@@ -190,10 +190,11 @@ def train_step(
             train=True,
             rngs=dict(zip(("dropout", "drop_path"), jax.random.split(pred_rng), strict=True)),
         )
-        return objectives.masked_smooth_l1(predicted, targets, keep_mask)
+        loss = objectives.masked_smooth_l1(predicted, targets, keep_mask)
+        return loss, pooled_std(objectives.target_features(context))
 
     # 5-6. Loss, gradients, AdamW with the scheduled LR / WD.
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, context_std), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # 7. EMA of the context encoder into the target encoder, momentum m(k).
@@ -206,6 +207,7 @@ def train_step(
         "grad_norm/transformer": optax.tree.norm(grads["context_encoder"]["transformer"]),
         "grad_norm/predictor": optax.tree.norm(grads["predictor"]),
         "target_std": pooled_std(targets),
+        "context_std": context_std,
     }
     probe_state = state.probe
     if probe is not None:
@@ -226,7 +228,10 @@ def train_step(
 def pooled_std(features: jax.Array) -> jax.Array:
     """Collapse monitor: channel-mean of the batch std of mean-pooled features [B, N, D].
 
-    Near 0 means every image maps to the same representation (JEPA collapse).
+    Near 0 means every image maps to the same representation (JEPA collapse). Logged for the
+    target features ('target_std') and the context encoder's LN'd output on the masked view
+    ('context_std'): on digits the context encoder collapsed while a slow EMA kept the target's
+    std up, so the target's alone can hide a collapse.
     """
     return features.mean(axis=1).std(axis=0).mean()
 
@@ -408,6 +413,63 @@ def build_trainer(
     return jit_trainer(mesh, init, step, encoder.grid_size, add_masks)
 
 
+# --------------------------------------------------------------------------- online k-NN
+
+
+def knn_sources(config: ml_collections.ConfigDict):
+    """(probe_train, test) sources of `config.data.name` for the online k-NN; an unlabeled
+    dataset is an error here, before any training step."""
+    from scott_jax.data import load_source
+
+    try:
+        return tuple(
+            load_source(config.data.name, purpose, data_dir=config.data.data_dir)
+            for purpose in ("probe_train", "test")
+        )
+    except ValueError as e:
+        raise ValueError(f"config.knn_every_epochs needs labeled data (or set it to 0): {e}") from e
+
+
+def online_knn(config: ml_collections.ConfigDict, state: TrainState, sources, mesh) -> dict:
+    """k-NN top-1 (%, cosine, k=20, T=0.07) on mean-pooled, LN'd features of the eval-transform
+    `probe_train` and `test` images, for the target and the context encoder (SPEC §8's k-NN,
+    `scott_jax.probe.knn_accuracy`): a label-using monitor of representation quality, cheap
+    enough to run every few epochs. Returns {'knn/target_top1', 'knn/context_top1'}."""
+    from scott_jax.data import eval_batches
+    from scott_jax.probe import extract_features, knn_accuracy
+
+    encoder = encoder_from_config(config)
+    row = {}
+    for name, params in (
+        ("target", state.target_params),
+        ("context", state.params["context_encoder"]),
+    ):
+        (train_x, train_y), (test_x, test_y) = (
+            extract_features(
+                encoder,
+                params,
+                eval_batches(
+                    source,
+                    batch_size=config.batch_size,
+                    img_size=config.img_size,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                ),
+                mesh=mesh,
+            )
+            for source in sources
+        )
+        row[f"knn/{name}_top1"] = float(
+            knn_accuracy(train_x, train_y, test_x, test_y, num_classes=sources[0].num_classes)
+        )
+    log.info(
+        "k-NN top-1: target encoder %.2f, context encoder %.2f",
+        row["knn/target_top1"],
+        row["knn/context_top1"],
+    )
+    return row
+
+
 # --------------------------------------------------------------------------- loop
 
 
@@ -430,6 +492,7 @@ def train_and_evaluate(
     )
     if config.online_probe and source.num_classes < 2:
         raise ValueError(f"online_probe needs class labels, and {config.data.name!r} has none")
+    knn_data = knn_sources(config) if config.knn_every_epochs else None
     lengths = schedule_lengths(config, source.num_examples)
     total_steps = lengths["total_steps"]
     trainer = build_trainer(
@@ -473,6 +536,7 @@ def train_and_evaluate(
     if writer is not None:
         writer.write(start_step, {"data/skipped_files": len(source.skipped_files)})
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    knn_interval = int(config.knn_every_epochs * lengths["steps_per_epoch"]) if knn_data else 0
     pending: list[tuple[int, dict]] = []
     last_saved = start_step if checkpointer.latest_step() is not None else None
     timer = (time.perf_counter(), start_step)
@@ -518,6 +582,11 @@ def train_and_evaluate(
                 pending.append((step, metrics))
                 if step % config.log_every_steps == 0:
                     flush(step)
+                if knn_interval and (step % knn_interval == 0 or step == total_steps):
+                    flush(step)  # the k-NN row comes after the step's loss row
+                    row = online_knn(config, state, knn_data, trainer.data_sharding.mesh)
+                    if writer is not None:
+                        writer.write(step, row)
                 if checkpointer.should_save(step):
                     save(step, force=False)
                 if guard.requested:

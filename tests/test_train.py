@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from scott_jax import masking, train
 from scott_jax.checkpoint import Checkpointer
@@ -49,6 +50,7 @@ def tiny_config(**overrides):
     config.optim.lr_warmup_epochs = 0.1
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
+    config.knn_every_epochs = 0.0
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -213,6 +215,28 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
         jax.device_get(resumed.target_params), jax.device_get(full.target_params), atol=1e-6
     )
     assert Checkpointer(tmp_path / "full" / "checkpoints").all_steps() == [2, 4, 6][-3:]
+
+
+def test_online_knn_and_collapse_monitors_are_logged(tmp_path):
+    """knn_every_epochs: k-NN rows for both encoders at its interval, and both std monitors."""
+    config = tiny_config(knn_every_epochs=2 / 112)  # digits: 112 steps per epoch -> every 2
+    train.train_and_evaluate(config, tmp_path, stop_at_step=3)
+    rows = read_metrics(tmp_path)
+    knn = [r for r in rows if "knn/target_top1" in r]
+    assert [r["step"] for r in knn] == [2]
+    for key in ("knn/target_top1", "knn/context_top1"):
+        assert 10.0 < knn[0][key] <= 100.0  # 10 classes: random-init features beat chance
+    losses = [r for r in rows if "loss" in r]
+    assert all(r["context_std"] > 0 and r["target_std"] > 0 for r in losses)
+
+
+def test_online_knn_needs_labels(tmp_path):
+    config = tiny_config(knn_every_epochs=1.0, **{"data.name": f"folder:{tmp_path}"})
+    (tmp_path / "train").mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / "train" / f"{i}.png")
+    with pytest.raises(ValueError, match="knn_every_epochs needs labeled data"):
+        train.train_and_evaluate(config, tmp_path / "run")
 
 
 @pytest.mark.slow
