@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.stochastic_depth_rate = 0.1
     config.model.num_register_tokens = 0
     config.model.conv_impl = "auto"  # im2col on CPU, XLA/cuDNN conv on accelerators
+    config.model.remat = False  # gradient checkpointing of the SCOTT stem and encoder blocks
 
     config.predictor = ml_collections.ConfigDict()
     config.predictor.depth = 3
