@@ -756,21 +756,27 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     """Errors for settings that would otherwise fail late or silently."""
     if config.encoder not in ENCODERS:
         raise ValueError(f"config.encoder must be one of {ENCODERS}, got {config.encoder!r}")
-    if config.selection not in SELECTION_RULES:
+    check_selection_and_schedule(config)
+    if config.selection == "reference" and config.labels_per_class is not None:
         raise ValueError(
-            f"config.selection must be one of {SELECTION_RULES}, got {config.selection!r}"
+            "selection='reference' reproduces the paper's full-label protocol; "
+            "labels_per_class is for the honest rules"
         )
+
+
+def check_selection_and_schedule(
+    config: ml_collections.ConfigDict, rules: Sequence[str] = SELECTION_RULES
+) -> None:
+    """The selection rule (one of `rules`), epoch counts and warmup of a labelled run (the
+    probes; the supervised baselines, which have no 'reference' rule)."""
+    if config.selection not in rules:
+        raise ValueError(f"config.selection must be one of {rules}, got {config.selection!r}")
     if config.num_epochs < 1 or config.eval_every_epochs < 1:
         raise ValueError("config.num_epochs and config.eval_every_epochs must be >= 1")
     if not 0 <= config.optim.lr_warmup_epochs <= config.num_epochs:
         raise ValueError(
             f"config.optim.lr_warmup_epochs={config.optim.lr_warmup_epochs} must lie in "
             f"[0, config.num_epochs={config.num_epochs}]"
-        )
-    if config.selection == "reference" and config.labels_per_class is not None:
-        raise ValueError(
-            "selection='reference' reproduces the paper's full-label protocol; "
-            "labels_per_class is for the honest rules"
         )
 
 

@@ -59,7 +59,13 @@ from scott_jax.checkpoint import Checkpointer, preemption_guard
 from scott_jax.models import Encoder, encoder_from_config
 from scott_jax.models.probes import PROBES, build_probes
 from scott_jax.models.transformer import layer_norm
-from scott_jax.probe import accuracies, classification_counts, selection_plan, summarize
+from scott_jax.probe import (
+    accuracies,
+    check_selection_and_schedule,
+    classification_counts,
+    selection_plan,
+    summarize,
+)
 from scott_jax.sharding import make_mesh, to_global
 from scott_jax.writers import MetricWriter, log_progress, read_metrics
 
@@ -160,17 +166,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors for settings that would otherwise fail late or silently."""
     if config.method != METHOD:
         raise ValueError(f"config.method must be {METHOD!r}, got {config.method!r}")
-    if config.selection not in SELECTION_RULES:
-        raise ValueError(
-            f"config.selection must be one of {SELECTION_RULES}, got {config.selection!r}"
-        )
-    if config.num_epochs < 1 or config.eval_every_epochs < 1:
-        raise ValueError("config.num_epochs and config.eval_every_epochs must be >= 1")
-    if not 0 <= config.optim.lr_warmup_epochs <= config.num_epochs:
-        raise ValueError(
-            f"config.optim.lr_warmup_epochs={config.optim.lr_warmup_epochs} must lie in "
-            f"[0, config.num_epochs={config.num_epochs}]"
-        )
+    check_selection_and_schedule(config, SELECTION_RULES)
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must lie in [0, 1), got {config.label_smoothing}")
 
