@@ -126,15 +126,25 @@ def build(args):
 
 
 def make_step(torch, context_encoder, predictor, target_encoder, optimizer, ema):
-    """The reference loop's MIM-JEPA update as a closure over the models: batch -> loss."""
+    """The reference loop's MIM-JEPA update as a closure over the models: batch -> loss.
+
+    With `with_stats=True` the step returns (loss, stats): the collapse monitors of our train
+    step ('target_std', 'context_std': `scott_jax.train.pooled_std` of the LN'd target and
+    context features) and the EMA momentum 'ema' of this update.
+    """
     functional = torch.nn.functional
 
-    def step(batch):
+    def pooled_std(features) -> float:
+        features = functional.layer_norm(features.detach(), (features.size(-1),))
+        return float(features.mean(dim=1).std(dim=0, unbiased=False).mean())
+
+    def step(batch, with_stats=False):
         with torch.no_grad():
             targets = target_encoder(batch["target"], masks=None)
             targets = functional.layer_norm(targets, (targets.size(-1),))
         optimizer.zero_grad()
-        predicted = predictor(context_encoder(batch["context"], batch["keep_mask"]))
+        context = context_encoder(batch["context"], batch["keep_mask"])
+        predicted = predictor(context)
         loss = masked_smooth_l1(torch, predicted, targets, batch["keep_mask"])
         loss.backward()
         optimizer.step()
@@ -144,7 +154,10 @@ def make_step(torch, context_encoder, predictor, target_encoder, optimizer, ema)
                 context_encoder.parameters(), target_encoder.parameters(), strict=True
             ):
                 target.mul_(momentum).add_((1.0 - momentum) * online.detach())
-        return loss.item()
+        if not with_stats:
+            return loss.item()
+        stats = dict(target_std=pooled_std(targets), context_std=pooled_std(context), ema=momentum)
+        return loss.item(), stats
 
     return step
 

@@ -109,3 +109,45 @@ def test_compare_alternates_and_reports_the_ratio():
     assert result["ours_flops_per_step"] == pytest.approx(
         result["official_flops_per_step"], rel=0.5
     )
+
+
+@needs_reference
+def test_reference_pretrain_logs_our_keys_on_our_schedule(tmp_path):
+    """Two official steps on the digits batches: our metric keys, and the official LR / WD /
+    EMA schedulers give the values of our schedule for the same config."""
+    out = tmp_path / "reference.jsonl"
+    overrides = ["--config.batch_size=8", "--config.log_every_steps=1", "--config.num_epochs=4"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "reference_pretrain.py"),
+            f"--reference_dir={REFERENCE}",
+            "--config=configs/digits.py",
+            *overrides,
+            "--steps=2",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCHMARKS.parent,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert 0 < rows[0]["loss"] < 10 and rows[0]["context_std"] > 0 and rows[0]["target_std"] > 0
+    assert 0 <= rows[-1]["knn/target_top1"] <= 100 and "knn/context_top1" in rows[-1]
+
+    from configs import digits
+    from scott_jax import train
+    from scott_jax.data import load_source
+
+    config = digits.get_config()
+    config.batch_size, config.num_epochs = 8, 4
+    lengths = train.schedule_lengths(config, load_source("digits", "pretrain").num_examples)
+    schedules = train.make_schedules(train.optimizer_kwargs(config, lengths), config)
+    for count, row in enumerate(rows):
+        ours = schedules(count)
+        for key in ("lr", "wd", "ema"):
+            assert row[key] == pytest.approx(float(ours[key]), rel=1e-5), (key, count)
