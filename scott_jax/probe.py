@@ -73,6 +73,9 @@ from scott_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
+#: Fewer probe optimizer steps than this get a warning (see `run_probes`).
+FEW_STEPS = 500
+
 ENCODERS = ("context", "target", "random")
 #: Where results go when `config.output_dir` is None, per encoder.
 DEFAULT_OUTPUT_DIRS = {"context": "probe", "target": "probe", "random": "probe_random"}
@@ -532,8 +535,9 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     See the module docstring for the protocol and `configs/probe.py` for the fields. Returns
     the dict written to `WORKDIR/<output_dir>/results.json`: 'probes' {name: {'top1', 'top5',
     'mpc' (test, %), 'epoch', 'selection', 'select_split', 'select_top1', 'encoder'}}, 'best',
-    'knn', 'selection' (rule, split, note), 'features' ('in_step' or 'cached'), 'seconds',
-    'config' and the 'resolved' run-dependent settings.
+    'knn', 'selection' (rule, split, note), 'features' ('in_step' or 'cached'), 'train_steps'
+    (optimizer steps of each probe), 'seconds', 'config' and the 'resolved' run-dependent
+    settings.
     """
     workdir = os.fspath(workdir)
     _check_config(config)
@@ -574,6 +578,16 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         data.steps_per_epoch,
         "in-step (augmented)" if config.augment else "cached",
     )
+    if config.num_epochs * data.steps_per_epoch < FEW_STEPS:
+        log.warning(
+            "Only %d probe steps (%d epochs x %d): the reference's 100 epochs assume thousands "
+            "of images, and probes on a few labels stay under-trained (on digits with 10 "
+            "labels per class, 100 steps gave random features 24%% linear top-1, 1,000 steps "
+            "82%%). Raise config.num_epochs; with config.augment=False epochs are cheap.",
+            config.num_epochs * data.steps_per_epoch,
+            config.num_epochs,
+            data.steps_per_epoch,
+        )
     output_dir = os.path.join(workdir, config.output_dir or DEFAULT_OUTPUT_DIRS[backbone.which])
     history, seconds = _train_probes(
         config,
@@ -594,6 +608,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         "num_classes": num_classes,
         "train_examples": train_source.num_examples,
         "features": "in_step" if config.augment else "cached",
+        "train_steps": config.num_epochs * data.steps_per_epoch,
         **summarize(
             history, tuple(probes), rule=rule, score_split=score_split, encoder=backbone.which
         ),
