@@ -46,6 +46,15 @@ def batch():
     return images, keep_mask
 
 
+@pytest.fixture(scope="module")
+def tiny_variables(tiny_scott, tiny_vit):
+    """{fixture name: variables} of the tiny encoders, one jitted init each (eagerly, op by op,
+    an init takes ~10 s)."""
+    images = jnp.zeros((1, 64, 64, 3))
+    models = {"tiny_scott": tiny_scott, "tiny_vit": tiny_vit}
+    return {name: jax.jit(model.init)(jax.random.key(0), images) for name, model in models.items()}
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_parameter_counts_match_the_paper(variant):
     encoder = build_encoder(variant, 224)
@@ -95,10 +104,10 @@ def test_max_blur_pool_is_the_pascal_blur_of_the_max_pool():
 def test_conv_implementations_agree():
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
     xla, im2col = StemConv(12, "xla"), StemConv(12, "im2col")
-    params = xla.init(jax.random.key(1), x)
-    out = xla.apply(params, x)
+    params = jax.jit(xla.init)(jax.random.key(1), x)
+    out = jax.jit(xla.apply)(params, x)
     assert out.shape == (2, 8, 8, 12)
-    np.testing.assert_allclose(im2col.apply(params, x), out, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(im2col.apply)(params, x), out, atol=1e-5)
     with pytest.raises(ValueError, match="unknown conv_impl"):
         StemConv(12, "winograd").init(jax.random.key(1), x)
 
@@ -119,9 +128,9 @@ def test_bad_image_size_is_a_clear_error(img_size):
         build_encoder("scott-7/16", img_size)
 
 
-def test_wrong_input_shapes_are_clear_errors(tiny_scott):
+def test_wrong_input_shapes_are_clear_errors(tiny_scott, tiny_variables):
     images = jnp.zeros((2, 64, 64, 3))
-    variables = tiny_scott.init(jax.random.key(0), images)
+    variables = tiny_variables["tiny_scott"]
     with pytest.raises(ValueError, match="img_size=64"):
         tiny_scott.apply(variables, jnp.zeros((2, 96, 96, 3)))
     with pytest.raises(ValueError, match=r"keep_mask must have shape \[B, N\] = \[2, 16\]"):
@@ -136,10 +145,10 @@ def test_unknown_variant_and_field():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_masked_pixels_never_reach_any_output(tiny_scott, batch, train):
+def test_masked_pixels_never_reach_any_output(tiny_scott, tiny_variables, batch, train):
     """Any change of the pixels of masked patches leaves every output token unchanged."""
     images, keep_mask = batch
-    variables = tiny_scott.init(jax.random.key(0), images)
+    variables = tiny_variables["tiny_scott"]
     pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
     noise = 100.0 * jax.random.normal(jax.random.key(3), images.shape)
     perturbed = jnp.where(pixel_keep == 1, images, noise)
@@ -154,9 +163,9 @@ def test_masked_pixels_never_reach_any_output(tiny_scott, batch, train):
     )
 
 
-def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, batch):
+def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, tiny_variables, batch):
     images, keep_mask = batch
-    variables = tiny_scott.init(jax.random.key(0), images)
+    variables = tiny_variables["tiny_scott"]
     _, state = tiny_scott.apply(variables, images, keep_mask, mutable=["intermediates"])
     tokens = np.asarray(state["intermediates"]["tokens"][0])
     masked = np.asarray(keep_mask) == 0
@@ -165,18 +174,18 @@ def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, batch):
 
 
 @pytest.mark.parametrize("name", ["tiny_scott", "tiny_vit"])
-def test_full_keep_mask_equals_no_mask(name, batch, request):
+def test_full_keep_mask_equals_no_mask(name, tiny_variables, batch, request):
     encoder = request.getfixturevalue(name)
     images, _ = batch
-    variables = encoder.init(jax.random.key(0), images)
+    variables = tiny_variables[name]
     full = encoder.apply(variables, images, jnp.ones((2, 16), jnp.int32))
     np.testing.assert_array_equal(full, encoder.apply(variables, images))
 
 
-def test_vit_mask_replaces_tokens_with_the_mask_token(tiny_vit, batch):
+def test_vit_mask_replaces_tokens_with_the_mask_token(tiny_vit, tiny_variables, batch):
     """ViT: the masked patch content is invisible at token level (SPEC §2)."""
     images, keep_mask = batch
-    variables = tiny_vit.init(jax.random.key(0), images)
+    variables = tiny_variables["tiny_vit"]
     pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
     perturbed = jnp.where(pixel_keep == 1, images, -images)
     np.testing.assert_array_equal(
@@ -185,9 +194,9 @@ def test_vit_mask_replaces_tokens_with_the_mask_token(tiny_vit, batch):
     )
 
 
-def test_train_mode_is_stochastic_and_eval_is_not(tiny_scott, batch):
+def test_train_mode_is_stochastic_and_eval_is_not(tiny_scott, tiny_variables, batch):
     images, keep_mask = batch
-    variables = tiny_scott.init(jax.random.key(0), images)
+    variables = tiny_variables["tiny_scott"]
 
     def run(seed):
         rngs = {"dropout": jax.random.key(seed), "drop_path": jax.random.key(seed + 1)}
@@ -220,7 +229,7 @@ def test_swiglu_hidden_dim():
 def test_init_matches_the_reference_distributions():
     """SPEC §1.1, §3.5, §4: Kaiming convs, N(0, 0.02) linears, per-block output rescale."""
     encoder = build_encoder("scott-3/16", 64)
-    params = encoder.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    params = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
     conv0 = params["tokenizer"]["conv_0"]["kernel"]
     conv1 = params["tokenizer"]["conv_1"]["kernel"]
     np.testing.assert_allclose(conv0.std(), np.sqrt(2 / 147), rtol=0.05)
@@ -236,13 +245,13 @@ def test_init_matches_the_reference_distributions():
     assert np.abs(blocks["mask_token"]).max() < 1e-5
 
     predictor = build_predictor(encoder)
-    pparams = predictor.init(jax.random.key(1), jnp.zeros((1, 16, 384)))["params"]
+    pparams = jax.jit(predictor.init)(jax.random.key(1), jnp.zeros((1, 16, 384)))["params"]
     for i in range(3):
         double = np.sqrt(2 * (i + 1)) * np.sqrt(2 * (i + 1 + 3))
         proj = pparams["transformer"][f"block_{i}"]["attn"]["proj"]["kernel"]
         np.testing.assert_allclose(proj.std(), 0.02 / double, rtol=0.03)
     single = build_predictor(encoder, double_rescale=False)
-    sparams = single.init(jax.random.key(1), jnp.zeros((1, 16, 384)))["params"]
+    sparams = jax.jit(single.init)(jax.random.key(1), jnp.zeros((1, 16, 384)))["params"]
     proj = sparams["transformer"]["block_0"]["attn"]["proj"]["kernel"]
     np.testing.assert_allclose(proj.std(), 0.02 / np.sqrt(2 * 4), rtol=0.03)
     head = pparams["head"]
@@ -251,11 +260,11 @@ def test_init_matches_the_reference_distributions():
     assert np.abs(head["bias"]).max() <= bound and np.abs(head["bias"]).max() > 0.5 * bound
 
 
-def test_sharded_forward_on_8_devices_equals_single_device(tiny_scott):
+def test_sharded_forward_on_8_devices_equals_single_device(tiny_scott, tiny_variables):
     assert jax.device_count() == 8
     images = jax.random.normal(jax.random.key(1), (8, 64, 64, 3))
     keep_mask = random_keep_mask(jax.random.key(2), 8, 16, 7)
-    variables = tiny_scott.init(jax.random.key(0), images)
+    variables = tiny_variables["tiny_scott"]
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
@@ -271,5 +280,7 @@ def test_sharded_forward_on_8_devices_equals_single_device(tiny_scott):
     )
     assert len(sharded.sharding.device_set) == 8
     chex.assert_trees_all_close(
-        np.asarray(sharded), np.asarray(tiny_scott.apply(variables, images, keep_mask)), atol=1e-5
+        np.asarray(sharded),
+        np.asarray(jax.jit(tiny_scott.apply)(variables, images, keep_mask)),
+        atol=1e-5,
     )

@@ -49,7 +49,7 @@ def test_remat_gives_the_same_outputs_and_gradients(tokenizer):
     remat = build_encoder(tokenizer, 32, remat=True, **kwargs)
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     keep = jnp.asarray([[1, 0, 1, 1], [0, 1, 1, 0]], jnp.int32)
-    params = plain.init(jax.random.key(1), images)["params"]
+    params = jax.jit(plain.init)(jax.random.key(1), images)["params"]
     rngs = {"dropout": jax.random.key(2), "drop_path": jax.random.key(3)}
 
     def loss(model, params):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from scott_jax import masking, train
-from scott_jax.checkpoint import Checkpointer
+from scott_jax.checkpoint import Checkpointer, load_state_tree
 from scott_jax.data.augment_spec import IMAGENET_MEAN, IMAGENET_STD
 from scott_jax.sharding import make_mesh
 from scott_jax.writers import read_metrics
@@ -129,13 +129,21 @@ def run_steps(config, devices, num_steps=2, online_probe=False):
     return state, history
 
 
-def test_step_on_8_devices_equals_1_device():
+@pytest.fixture(scope="module")
+def one_device_run():
+    """Two steps with the online probe on one device, shared by the next two tests (one
+    compilation of that step instead of two)."""
+    return run_steps(tiny_config(), jax.devices()[:1], num_steps=2, online_probe=True)
+
+
+def test_step_on_8_devices_equals_1_device(one_device_run):
     config = tiny_config()
-    state8, metrics8 = run_steps(config, jax.devices())
-    state1, metrics1 = run_steps(config, jax.devices()[:1])
+    state8, metrics8 = run_steps(config, jax.devices(), online_probe=True)
+    state1, metrics1 = one_device_run
     assert len(state8.step.sharding.device_set) == 8
     for m8, m1 in zip(metrics8, metrics1, strict=True):
         np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m8["probe/loss"], m1["probe/loss"], rtol=1e-5)
     chex.assert_trees_all_close(
         jax.device_get(state8.params), jax.device_get(state1.params), atol=1e-5, rtol=1e-5
     )
@@ -144,9 +152,9 @@ def test_step_on_8_devices_equals_1_device():
     )
 
 
-def test_step_updates_params_ema_and_probe():
+def test_step_updates_params_ema_and_probe(one_device_run):
     config = tiny_config()
-    state, history = run_steps(config, jax.devices()[:1], num_steps=2, online_probe=True)
+    state, history = one_device_run
     assert int(state.step) == 2
     first = history[0]
     assert np.isfinite(first["loss"]) and first["loss"] > 0
@@ -240,16 +248,32 @@ def test_online_knn_needs_labels(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """NaN pixels in the 5th batch make the loss of step 5 nan: the run stops there, without
+    logging or checkpointing it, and step 4 stays the last (finite) checkpoint. (The model and
+    schedule of test_resumed_run_matches_the_uninterrupted_run: its compiled step is reused.)"""
+    from scott_jax import data
+
+    clean_batches = data.pretrain_batches
+
+    def poisoned_batches(*args, start_step, **kwargs):
+        batches = clean_batches(*args, start_step=start_step, **kwargs)
+        for step, batch in enumerate(batches, start=start_step + 1):
+            if step == 5:
+                batch = {**batch, "context": np.full_like(batch["context"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(data, "pretrain_batches", poisoned_batches)
     config = tiny_config()
-    config.optim.lr_start = config.optim.lr_peak = config.optim.lr_final = 1e30
-    with pytest.raises(FloatingPointError, match="loss became nan at step"):
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 5.*step 4 in"):
         train.train_and_evaluate(config, tmp_path, stop_at_step=8)
-    saved = Checkpointer(tmp_path / "checkpoints").all_steps()
-    assert all(np.isfinite(r.get("loss", 0.0)) for r in read_metrics(tmp_path))
-    for step in saved:
-        state = Checkpointer(tmp_path / "checkpoints").restore_config(step)
-        assert state["optim"]["lr_peak"] == 1e30
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    assert checkpointer.all_steps() == [2, 4]
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    assert checkpointer.restore_config(4)["optim"]["lr_peak"] == config.optim.lr_peak
+    params = load_state_tree(tmp_path / "checkpoints")["params"]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 def test_launch_rejects_a_misspelt_override(tmp_path):
