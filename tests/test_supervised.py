@@ -81,6 +81,7 @@ def test_supervised_run_learns_digits(tmp_path):
         eval_every_epochs=2,
         log_every_steps=50,
         checkpoint_every_steps=1000,
+        img_size=32,  # the digits' own size (8 px upsampled 4x; 64 in the config): 2x2 patches
         **{"optim.lr_warmup_epochs": 0.5, "optim.lr_peak": 2e-3},
     )
     results = supervised.train_and_evaluate(config, tmp_path)
@@ -99,7 +100,7 @@ def test_supervised_run_learns_digits(tmp_path):
 @pytest.mark.slow
 def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     """10 labels per class, batch 16: 6 steps; stop after 3, resume: same losses and params."""
-    config = supervised_config(labels_per_class=10, num_epochs=2, eval_every_epochs=1)
+    config = supervised_config(labels_per_class=10, num_epochs=2, eval_every_epochs=1, img_size=32)
     config.optim.lr_warmup_epochs = 1.0
     full = supervised.train_and_evaluate(config, tmp_path / "full")
     assert supervised.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=4) is None
