@@ -229,9 +229,12 @@ def pooled_std(features: jax.Array) -> jax.Array:
     """Collapse monitor: channel-mean of the batch std of mean-pooled features [B, N, D].
 
     Near 0 means every image maps to the same representation (JEPA collapse). Logged for the
-    target features ('target_std') and the context encoder's LN'd output on the masked view
-    ('context_std'): on digits the context encoder collapsed while a slow EMA kept the target's
-    std up, so the target's alone can hide a collapse.
+    target features ('target_std') and the context encoder's LN'd output on the masked,
+    train-mode view ('context_std'). The latter also moves with the keep-mask and dropout, so
+    it stays up when the features encode only patch position (on digits it fell to 0.05 by
+    step 80, then rose to 0.17 while the context encoder's k-NN kept falling): read it next
+    to `knn/context_top1` (`config.knn_every_epochs`), the monitor that needs labels but
+    cannot be fooled that way.
     """
     return features.mean(axis=1).std(axis=0).mean()
 
