@@ -3,6 +3,7 @@
 import functools
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -349,7 +350,7 @@ def pretrained_workdir(tmp_path_factory):
     return workdir
 
 
-def test_probe_run_end_to_end(pretrained_workdir):
+def test_probe_run_end_to_end(pretrained_workdir, caplog):
     config = probe_config(
         num_epochs=1,
         labels_per_class=10,
@@ -357,10 +358,13 @@ def test_probe_run_end_to_end(pretrained_workdir):
         probes=("linear", "simple"),
         **{"optim.lr_warmup_epochs": 0.5},
     )
-    results = probe_lib.run_probes(config, pretrained_workdir)
+    with caplog.at_level(logging.WARNING, logger="scott_jax.probe"):
+        results = probe_lib.run_probes(config, pretrained_workdir)
     with open(pretrained_workdir / "probe" / "results.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(results))
+    assert saved["train_steps"] == 6  # 1 epoch x (100 examples // 16)
+    assert "Only 6 probe steps" in caplog.text  # a few-label probe this short is under-trained
     assert set(saved["probes"]) == {"linear", "simple"}
     for entry in saved["probes"].values():
         assert 0.0 <= entry["mpc"] <= entry["top5"] <= 100.0 and 0.0 <= entry["top1"] <= 100.0
@@ -377,6 +381,18 @@ def test_probe_run_end_to_end(pretrained_workdir):
     assert {"linear/test/mpc", "simple/probe_select/top1", "simple/train/loss"} <= set(rows[0])
     table = probe_lib.format_table(results)
     assert "linear" in table and "k-NN" in table and "probe_select" in table
+
+
+def test_feature_stats_of_a_run(pretrained_workdir):
+    """The diagnostics read the run's checkpoint and the probes' label subset."""
+    from scott_jax.feature_stats import feature_stats
+
+    stats = feature_stats(str(pretrained_workdir), "target", labels_per_class=3)
+    assert (stats["encoder"], stats["step"], stats["labels_per_class"]) == ("target", 2, 3)
+    assert 1.0 <= stats["effective_rank"] <= 32  # width 32
+    assert -1.0 <= stats["mean_cosine"] <= 1.0 and stats["pooled_std"] > 0
+    for key in ("logreg_top1", "logreg_standardised_top1"):
+        assert 10.0 < stats[key] <= 100.0  # above chance (10 classes): random features work
 
 
 def test_target_encoder_is_the_ema_copy(pretrained_workdir):
