@@ -70,27 +70,38 @@ def masked_smooth_l1(torch, predicted, targets, keep_mask):
     return per_image.mean()
 
 
-def build(args):
-    """Official context/target encoders, predictor, optimizer, EMA schedule and a batch."""
+#: The schedule of bench_train.py: 10k steps, 1k warm-up, the reference yaml's values.
+BENCH_SCHEDULE = dict(
+    total_steps=10_000,
+    warmup_steps=1_000,
+    lr_start=1e-6,
+    lr_peak=5e-4,
+    lr_final=1e-5,
+    lr_flat_pctg=0.72,
+    wd_start=0.04,
+    wd_final=0.4,
+    ema_start=0.996,
+    ema_final=1.0,
+)
+
+
+def official_trainer(torch, context_encoder, predictor_depth: int, schedule: dict):
+    """(predictor, target_encoder, optimizer, ema scheduler) of the official code around an
+    official `context_encoder`: the matching predictor, the deep-copied target, AdamW over
+    both with the official parameter groups and LR / WD schedulers, the linear EMA
+    schedule. `schedule` has the keys of `BENCH_SCHEDULE`."""
     import copy
 
-    import torch
-    from src.masks.mask_generator import MaskGenerator
-    from src.models import get_model
     from src.models.predictor import Predictor
     from src.optimizer import get_optimizer
     from src.schedulers import LinearScheduler
 
-    torch.manual_seed(0)
-    context_encoder = get_model(
-        img_size=args.img_size, verbose=False, **reference_config(args.variant)
-    )
     predictor = Predictor(
         embed_dim=context_encoder.embed_dim,
         num_patches=context_encoder.num_patches,
         num_register_tokens=context_encoder.num_register_tokens,
         backbone_depth=context_encoder.depth,
-        depth=args.predictor_depth,
+        depth=predictor_depth,
         num_heads=context_encoder.num_heads,
         mlp_ratio=context_encoder.mlp_ratio,
         dropout_rate=context_encoder.dropout_rate,
@@ -99,19 +110,32 @@ def build(args):
         ffn_layer=context_encoder.ffn_layer,
     )
     target_encoder = copy.deepcopy(context_encoder)
-    # The schedule lengths of bench_train.py: 10k steps, 1k warm-up.
     optimizer = get_optimizer(
         model=torch.nn.ModuleList([context_encoder, predictor]),
-        total_steps=10_000,
-        lr_warmup_steps=1_000,
-        lr_start=1e-6,
-        lr_peak=5e-4,
-        lr_final=1e-5,
-        lr_flat_pctg=0.72,
-        wd_start=0.04,
-        wd_final=0.4,
+        lr_warmup_steps=schedule["warmup_steps"],
+        **{k: v for k, v in schedule.items() if k.startswith(("lr_", "wd_", "total_"))},
     )
-    ema = LinearScheduler(start_value=0.996, final_value=1.0, total_steps=10_000)
+    ema = LinearScheduler(
+        start_value=schedule["ema_start"],
+        final_value=schedule["ema_final"],
+        total_steps=schedule["total_steps"],
+    )
+    return predictor, target_encoder, optimizer, ema
+
+
+def build(args):
+    """Official context/target encoders, predictor, optimizer, EMA schedule and a batch."""
+    import torch
+    from src.masks.mask_generator import MaskGenerator
+    from src.models import get_model
+
+    torch.manual_seed(0)
+    context_encoder = get_model(
+        img_size=args.img_size, verbose=False, **reference_config(args.variant)
+    )
+    predictor, target_encoder, optimizer, ema = official_trainer(
+        torch, context_encoder, args.predictor_depth, BENCH_SCHEDULE
+    )
     masks = MaskGenerator(img_size=args.img_size, patch_size=16, masking_type="blockwise")
     shape = (args.batch, 3, args.img_size, args.img_size)
     batch = dict(

@@ -19,7 +19,6 @@ and, every `config.knn_every_epochs` and at the end, knn/target_top1 and knn/con
 eval-transform probe_train and test images).
 """
 
-import copy
 import json
 import os
 import sys
@@ -48,10 +47,8 @@ flags.mark_flags_as_required(["config", "reference_dir", "out"])
 def official_models(torch, config, lengths: dict):
     """(context_encoder, predictor, target_encoder, optimizer, ema scheduler) of the official
     code with the architecture and schedule of `config` (the fields of our encoder)."""
+    from bench_reference import official_trainer
     from src.models import get_model
-    from src.models.predictor import Predictor
-    from src.optimizer import get_optimizer
-    from src.schedulers import LinearScheduler
 
     ours = encoder_from_config(config)
     torch.manual_seed(config.seed)
@@ -71,36 +68,16 @@ def official_models(torch, config, lengths: dict):
         ffn_layer=ours.ffn_layer,
         verbose=False,
     )
-    predictor = Predictor(
-        embed_dim=ours.embed_dim,
-        num_patches=ours.grid_size**2,
-        num_register_tokens=ours.num_register_tokens,
-        backbone_depth=ours.depth,
-        depth=config.predictor.depth,
-        num_heads=ours.num_heads,
-        mlp_ratio=context_encoder.mlp_ratio,
-        dropout_rate=ours.dropout_rate,
-        attention_dropout=ours.attention_dropout,
-        stochastic_depth_rate=ours.stochastic_depth_rate,
-        ffn_layer=ours.ffn_layer,
+    schedule = {
+        **{k: v for k, v in config.optim.items() if k.startswith(("lr_", "wd_", "ema_"))},
+        "total_steps": lengths["total_steps"],
+        "warmup_steps": lengths["warmup_steps"],
+    }
+    schedule.pop("lr_warmup_epochs")
+    return (
+        context_encoder,
+        *official_trainer(torch, context_encoder, config.predictor.depth, schedule),
     )
-    target_encoder = copy.deepcopy(context_encoder)
-    opt = config.optim
-    optimizer = get_optimizer(
-        model=torch.nn.ModuleList([context_encoder, predictor]),
-        total_steps=lengths["total_steps"],
-        lr_warmup_steps=lengths["warmup_steps"],
-        lr_start=opt.lr_start,
-        lr_peak=opt.lr_peak,
-        lr_final=opt.lr_final,
-        lr_flat_pctg=opt.lr_flat_pctg,
-        wd_start=opt.wd_start,
-        wd_final=opt.wd_final,
-    )
-    ema = LinearScheduler(
-        start_value=opt.ema_start, final_value=opt.ema_final, total_steps=lengths["total_steps"]
-    )
-    return context_encoder, predictor, target_encoder, optimizer, ema
 
 
 def knn_row(torch, config, encoders: dict, sources) -> dict:
