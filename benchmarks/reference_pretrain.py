@@ -8,7 +8,7 @@ that surprises (e.g. the collapse on digits, README "Evidence on digits"), this 
 config with the *official* models, loss, AdamW groups, LR / WD / EMA schedulers and EMA
 update, imported from --reference_dir at run time (`bench_reference.py` builds them; none of
 the official code lives here). Only the inputs are ours: the same two-view batches
-(`pretrain_batches`) and keep-masks (`masking.keep_masks`) as `launch.py` draws for the same
+(`pretrain_batches`) and keep-masks (`train.masked_batches`) as `launch.py` draws for the same
 config. So if the official code shows the same curves, the behaviour belongs to the method on
 this data, not to the reimplementation.
 
@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from scott_jax import masking, probe, train
+from scott_jax import probe, train
 from scott_jax.data import eval_batches, load_source, pretrain_batches
 from scott_jax.models import encoder_from_config
 
@@ -132,13 +132,18 @@ def main(argv) -> None:
     knn_every = int(config.knn_every_epochs * lengths["steps_per_epoch"])
     knn_data = train.knn_sources(config)
     grid = encoder_from_config(config).grid_size
-    batches = pretrain_batches(
-        source,
-        batch_size=config.batch_size,
-        img_size=config.img_size,
-        seed=config.seed,
-        crop_scale=tuple(config.data.crop_scale),
-        aug=config.data.aug,
+    batches = train.masked_batches(  # the keep-masks launch.py draws for each step
+        pretrain_batches(
+            source,
+            batch_size=config.batch_size,
+            img_size=config.img_size,
+            seed=config.seed,
+            crop_scale=tuple(config.data.crop_scale),
+            aug=config.data.aug,
+        ),
+        config,
+        grid,
+        start_step=0,
     )
     Path(flags.FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     with open(flags.FLAGS.out, "w") as out:
@@ -151,22 +156,13 @@ def main(argv) -> None:
 
         start = time.perf_counter()
         for step, batch in zip(range(steps), batches, strict=False):
-            keep_mask = masking.keep_masks(
-                config.seed,
-                step,
-                config.batch_size,
-                grid,
-                config.mask.ratio,
-                mask_type=config.mask.type,
-                blocks_are=config.mask.blocks_are,
-            )
             context_encoder.train()
             predictor.train()
             target_encoder.eval()
             inputs = {
                 "context": to_torch(torch, batch["context"]),
                 "target": to_torch(torch, batch["target"]),
-                "keep_mask": torch.from_numpy(keep_mask.astype(np.int64)),
+                "keep_mask": torch.from_numpy(batch["keep_mask"].astype(np.int64)),
             }
             lr, wd = (optimizer.info()[k] for k in ("lr", "wd"))
             loss, stats = step_fn(inputs, with_stats=True)

@@ -578,13 +578,14 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         data.steps_per_epoch,
         "in-step (augmented)" if config.augment else "cached",
     )
-    if config.num_epochs * data.steps_per_epoch < FEW_STEPS:
+    train_steps = config.num_epochs * data.steps_per_epoch
+    if train_steps < FEW_STEPS:
         log.warning(
             "Only %d probe steps (%d epochs x %d): the reference's 100 epochs assume thousands "
             "of images, and probes on a few labels stay under-trained (on digits with 10 "
             "labels per class, 100 steps gave random features 24%% linear top-1, 1,000 steps "
             "82%%). Raise config.num_epochs; with config.augment=False epochs are cheap.",
-            config.num_epochs * data.steps_per_epoch,
+            train_steps,
             config.num_epochs,
             data.steps_per_epoch,
         )
@@ -608,7 +609,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         "num_classes": num_classes,
         "train_examples": train_source.num_examples,
         "features": "in_step" if config.augment else "cached",
-        "train_steps": config.num_epochs * data.steps_per_epoch,
+        "train_steps": train_steps,
         **summarize(
             history, tuple(probes), rule=rule, score_split=score_split, encoder=backbone.which
         ),
