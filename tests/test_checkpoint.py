@@ -244,11 +244,17 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
 
 
 def test_preemption_guard_second_signal_acts_as_unguarded():
-    with preemption_guard() as guard:
-        signal.raise_signal(signal.SIGINT)
-        assert guard.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
+    # Python leaves SIGINT ignored when launched with it ignored (nohup, `cmd &`): install
+    # the interactive handler so the test means the same under any launch.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with preemption_guard() as guard:
             signal.raise_signal(signal.SIGINT)
+            assert guard.received == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
 
     calls = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
