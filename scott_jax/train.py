@@ -153,6 +153,7 @@ def train_step(
     aug: str = "none",
     probe=None,
     probe_tx=None,
+    max_kept: int | None = None,
 ):
     """One MIM-JEPA update (SPEC §6.2); returns (new state, metrics of this step).
 
@@ -160,7 +161,8 @@ def train_step(
     [B, S, S, 3] uint8 (`config.data.color_on_device`: the crop, coloured here with `aug`),
     'keep_mask' [B, N] (1 = visible), and 'label' [B] when the online probe is on. Randomness
     is `fold_in(seed, step)`, so a resumed run draws the same dropout and colours as an
-    uninterrupted one.
+    uninterrupted one. `max_kept` bounds the kept patches per mask row (static), so the
+    SCOTT stem can skip the convolutions of masked patches (same numbers, `Encoder`).
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if "view" in batch:  # colour and normalise both views on the accelerator
@@ -182,6 +184,7 @@ def train_step(
             batch["context"],
             keep_mask,
             train=True,
+            max_kept=max_kept,
             rngs=dict(zip(("dropout", "drop_path"), jax.random.split(enc_rng), strict=True)),
         )
         predicted = predictor.apply(
@@ -408,6 +411,7 @@ def build_trainer(
         aug=config.data.aug,
         probe=probe,
         probe_tx=probe_tx,
+        max_kept=masking.num_kept(encoder.num_patches, config.mask.ratio),
     )
 
     def add_masks(batches: Iterator[dict], start_step: int) -> Iterator[dict]:

@@ -1,5 +1,7 @@
 """Model library: parameter counts, shapes, masking invariants, init, sharding."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -112,6 +114,33 @@ def test_conv_implementations_agree():
         StemConv(12, "winograd").init(jax.random.key(1), x)
 
 
+def test_sparse_stem_equals_masked_dense():
+    """With max_kept the stem convs run only inside kept patches: the same tokens and
+    gradients as the masked-dense stem, also for a row keeping fewer than max_kept; a row
+    keeping more than max_kept comes out as NaN, never silently wrong."""
+    tokenizer = ScottTokenizer(16, 64, stem_dim=8, conv_impl="im2col")
+    images = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))
+    keep_mask = random_keep_mask(jax.random.key(1), 3, 16, 7)
+    keep_mask = keep_mask.at[2].set(random_keep_mask(jax.random.key(2), 1, 16, 5)[0])
+    params = jax.jit(tokenizer.init)(jax.random.key(3), images)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def value_and_grad(params, max_kept):
+        def loss(params):
+            tokens = tokenizer.apply(params, images, keep_mask, max_kept)
+            return jnp.sum(jnp.sin(3.0 * tokens)), tokens
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (_, dense), dense_grads = value_and_grad(params, None)
+    (_, sparse), sparse_grads = value_and_grad(params, 7)
+    assert np.abs(dense).max() > 0.1
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(sparse_grads, dense_grads, rtol=1e-4, atol=1e-5)
+    overflow = jax.jit(tokenizer.apply, static_argnums=3)(params, images, keep_mask, 6)
+    assert np.isnan(overflow[:2]).all() and np.isfinite(overflow[2]).all()
+
+
 def test_tokenizer_stage_sizes():
     """224 -> 112 -> 111 -> 56 -> 28 -> 27 -> 14 (SPEC §1.1); max-blur-pool halves even sizes."""
     assert max_blur_pool(jnp.zeros((1, 112, 112, 2))).shape == (1, 56, 56, 2)
@@ -144,9 +173,10 @@ def test_unknown_variant_and_field():
         build_encoder("scott-7/16", 224, dept=3)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_masked_pixels_never_reach_any_output(tiny_scott, tiny_variables, batch, train):
-    """Any change of the pixels of masked patches leaves every output token unchanged."""
+@pytest.mark.parametrize("train,max_kept", [(False, None), (True, None), (True, 7)])
+def test_masked_pixels_never_reach_any_output(tiny_scott, tiny_variables, batch, train, max_kept):
+    """Any change of the pixels of masked patches leaves every output token unchanged
+    (max_kept=7: the sparse stem, which computes the convs only inside kept patches)."""
     images, keep_mask = batch
     variables = tiny_variables["tiny_scott"]
     pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
@@ -154,13 +184,13 @@ def test_masked_pixels_never_reach_any_output(tiny_scott, tiny_variables, batch,
     perturbed = jnp.where(pixel_keep == 1, images, noise)
     assert not np.allclose(perturbed, images)
     rngs = {"dropout": jax.random.key(4), "drop_path": jax.random.key(5)}
-    out = tiny_scott.apply(variables, images, keep_mask, train=train, rngs=rngs)
-    out_perturbed = tiny_scott.apply(variables, perturbed, keep_mask, train=train, rngs=rngs)
+    apply = jax.jit(functools.partial(tiny_scott.apply, train=train, max_kept=max_kept, rngs=rngs))
+    out = apply(variables, images, keep_mask)
+    out_perturbed = apply(variables, perturbed, keep_mask)
     np.testing.assert_array_equal(out, out_perturbed)
     # The same perturbation without a mask does change the output: the test can fail.
-    assert not np.allclose(
-        tiny_scott.apply(variables, perturbed), tiny_scott.apply(variables, images)
-    )
+    dense = jax.jit(tiny_scott.apply)
+    assert not np.allclose(dense(variables, perturbed), dense(variables, images))
 
 
 def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, tiny_variables, batch):

@@ -43,7 +43,8 @@ def test_max_pool_gradient_goes_to_the_first_maximum_in_row_major_order():
 
 @pytest.mark.parametrize("tokenizer", ["scott-7/16", "vit-7/16"])
 def test_remat_gives_the_same_outputs_and_gradients(tokenizer):
-    """Remat only changes what is stored: the same dropout draws, outputs and gradients."""
+    """Remat only changes what is stored: the same dropout draws, outputs and gradients
+    (the remat model also runs the sparse SCOTT stem, `max_kept`, against the dense one)."""
     kwargs = dict(embed_dim=32, depth=2, num_heads=2)
     plain = build_encoder(tokenizer, 32, **kwargs)
     remat = build_encoder(tokenizer, 32, remat=True, **kwargs)
@@ -53,7 +54,10 @@ def test_remat_gives_the_same_outputs_and_gradients(tokenizer):
     rngs = {"dropout": jax.random.key(2), "drop_path": jax.random.key(3)}
 
     def loss(model, params):
-        out = model.apply({"params": params}, images, keep, train=True, rngs=rngs)
+        max_kept = 3 if model.remat else None
+        out = model.apply(
+            {"params": params}, images, keep, train=True, max_kept=max_kept, rngs=rngs
+        )
         return jnp.sum(out * jnp.sin(out)), out
 
     (loss_a, out_a), grads_a = jax.jit(jax.value_and_grad(lambda p: loss(plain, p), has_aux=True))(

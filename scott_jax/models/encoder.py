@@ -74,10 +74,23 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: jax.Array, keep_mask: jax.Array | None = None, *, train: bool = False
+        self,
+        images: jax.Array,
+        keep_mask: jax.Array | None = None,
+        *,
+        train: bool = False,
+        max_kept: int | None = None,
     ) -> jax.Array:
-        """images [B, S, S, 3], keep_mask [B, N] (1 = visible) or None -> [B, N, D]."""
-        tokens = self.make_tokenizer()(images, keep_mask)
+        """images [B, S, S, 3], keep_mask [B, N] (1 = visible) or None -> [B, N, D].
+
+        `max_kept`: a static bound on the kept patches per row, which lets the SCOTT stem
+        skip the masked patches' convolutions (`ScottTokenizer`); same outputs.
+        """
+        tokenizer = self.make_tokenizer()
+        if self.tokenizer == "scott":
+            tokens = tokenizer(images, keep_mask, max_kept)
+        else:
+            tokens = tokenizer(images, keep_mask)
         self.sow("intermediates", "tokens", tokens)
         return Transformer(
             depth=self.depth,

@@ -198,10 +198,13 @@ class Encoder(nn.Module):
     ) -> jax.Array:
         if (context_idx is None) != (context_valid is None):
             raise ValueError("pass both context_idx and context_valid, or neither")
-        keep_mask = None
+        tokenizer = self.make_tokenizer()
         if context_idx is not None and self.tokenizer == "scott":
+            # At most K = context_idx.shape[1] patches are kept: the stem can run sparse.
             keep_mask = keep_mask_from(context_idx, context_valid, self.num_patches)
-        tokens = self.make_tokenizer()(images, keep_mask)
+            tokens = tokenizer(images, keep_mask, context_idx.shape[1])
+        else:
+            tokens = tokenizer(images)
         x = tokens + jnp.asarray(sincos_pos_embed(self.embed_dim, self.grid_size), tokens.dtype)
         if context_idx is not None:
             x = gather_tokens(x, context_idx)

@@ -62,8 +62,30 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+class Kernel(nn.Module):
+    """A bias-free Dense layer's parameter alone: 'kernel' [in, out], N(0, std) init.
+
+    For projections that are contracted in a reshaped form (the attention's head-major
+    einsums) while the parameter tree stays that of `nn.Dense`.
+    """
+
+    shape: tuple[int, int]
+    std: float = LINEAR_STD
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", initializers.normal(self.std), self.shape)
+
+
 class Attention(nn.Module):
-    """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (SPEC §3.3)."""
+    """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (SPEC §3.3).
+
+    The qkv kernel [D, 3D] is contracted as [D, 3, H, d] and the projection [D, D] as
+    [H, d, D], so q, k, v come out head-major [B, H, N, d] and the heads are merged inside
+    the output projection: no transposes of activations, which XLA:CPU otherwise spends
+    as much time on as on the attention matmuls (forward 2x faster on CPU). The same
+    numbers and parameters as Dense(3D) -> split -> reshape.
+    """
 
     num_heads: int
     dropout_rate: float = 0.0
@@ -73,31 +95,20 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        batch, length, dim = x.shape
+        dim = x.shape[-1]
         if dim % self.num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {self.num_heads}")
-        head_dim = dim // self.num_heads
-        qkv = nn.Dense(
-            3 * dim,
-            use_bias=False,
-            kernel_init=initializers.normal(LINEAR_STD),
-            dtype=self.dtype,
-            name="qkv",
-        )(x)
-        q, k, v = (
-            t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1)
-        )
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        x = x.astype(self.dtype)
+        qkv_kernel = Kernel((dim, 3 * dim), name="qkv")().astype(self.dtype)
+        qkv_kernel = qkv_kernel.reshape(dim, 3, heads, head_dim)
+        q, k, v = (jnp.einsum("bnc,chd->bhnd", x, qkv_kernel[:, i]) for i in range(3))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
-        out = nn.Dense(
-            dim,
-            use_bias=False,
-            kernel_init=initializers.normal(self.out_init_std),
-            dtype=self.dtype,
-            name="proj",
-        )(out)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        proj_kernel = Kernel((dim, dim), self.out_init_std, name="proj")().astype(self.dtype)
+        out = jnp.einsum("bhnd,hdc->bnc", out, proj_kernel.reshape(heads, head_dim, dim))
         return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
 
 
