@@ -11,6 +11,11 @@ and official_sec_per_step (medians of the pooled step times), ratio = ours / off
 side's images_per_sec, flops_per_step and compile_sec, and the 1-minute load average
 before and after (other processes on the machine skew both sides, PyTorch's OpenMP
 threads more than XLA's when cores are oversubscribed).
+
+It also runs bench_gemm.py once: `gemm_gflops` is the faster framework's rate on the
+step's main matmuls, `ours_floor_sec` / `official_floor_sec` = flops_per_step /
+gemm_gflops (each step's time if every FLOP ran at that rate), and `floor_ratio` =
+ours_floor_sec / official_sec_per_step, the lowest ratio our FLOPs allow on this machine.
 """
 
 import argparse
@@ -75,6 +80,16 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
+    gemm = run_json(
+        [
+            sys.executable,
+            str(HERE / "bench_gemm.py"),
+            f"--variant={args.variant}",
+            f"--img-size={args.img_size}",
+            f"--batch={args.batch}",
+            f"--threads={args.threads}",
+        ]
+    )["gemm_gflops"]
     runs = {"ours": [], "official": []}
     for _ in range(args.rounds):
         for side, command in commands(args).items():
@@ -88,10 +103,13 @@ def main() -> None:
         result[f"{side}_step_times"] = times
         result[f"{side}_flops_per_step"] = results[0]["flops_per_step"]
         result[f"{side}_compile_sec"] = results[0]["compile_sec"]
+        result[f"{side}_floor_sec"] = round(results[0]["flops_per_step"] / (gemm * 1e9), 4)
     ratio = result["ours_sec_per_step"] / result["official_sec_per_step"]
     result.update(
         ratio=round(ratio, 4),
         speedup=round(1 / ratio, 3),
+        gemm_gflops=gemm,
+        floor_ratio=round(result["ours_floor_sec"] / result["official_sec_per_step"], 4),
         load_avg_before=round(load_before, 2),
         load_avg_after=round(os.getloadavg()[0], 2),
         wall_sec=round(time.perf_counter() - start, 1),

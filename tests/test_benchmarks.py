@@ -97,6 +97,20 @@ def test_bench_input():
     positive(result, "images_per_sec", "images_per_cpu_sec", "sec_per_batch")
 
 
+def test_bench_gemm():
+    result = run("bench_gemm.py", "--variant=scott-3/16", "--img-size=32", "--repeats=1")
+    assert set(result["jax_per_shape_gflops"]) == {
+        "qkv",
+        "proj",
+        "ffn_w12",
+        "ffn_last",
+        "stem_im2col",
+    }
+    positive(result, "jax_gemm_gflops", "gemm_gflops")
+    assert all(rate > 0 for rate in result["jax_per_shape_gflops"].values())
+    assert result["gemm_gflops"] >= result["jax_gemm_gflops"]
+
+
 @needs_reference
 def test_bench_reference():
     result = run("bench_reference.py", f"--reference-dir={REFERENCE}", *TINY[:-1], "--warmup=1")
@@ -111,6 +125,9 @@ def test_compare_alternates_and_reports_the_ratio():
     assert result["ratio"] == pytest.approx(
         result["ours_sec_per_step"] / result["official_sec_per_step"], rel=0.01
     )
+    floor = result["ours_flops_per_step"] / (result["gemm_gflops"] * 1e9)
+    assert result["ours_floor_sec"] == pytest.approx(floor, rel=0.01)
+    assert result["floor_ratio"] == pytest.approx(floor / result["official_sec_per_step"], rel=0.01)
     # The same model on both sides. XLA also counts element-wise FLOPs, which torch's
     # counter leaves out: a quarter more at this size, within 3% at 224 px.
     assert result["ours_flops_per_step"] == pytest.approx(
