@@ -169,14 +169,15 @@ def models_keys():
 def test_predictor_predicts_each_block_from_the_context_and_its_own_positions():
     predictor = tiny_predictor()
     inputs = predictor_inputs()
-    params = predictor.init(jax.random.key(0), *inputs)
-    out = predictor.apply(params, *inputs)
+    params = jax.jit(predictor.init)(jax.random.key(0), *inputs)
+    apply = jax.jit(predictor.apply)
+    out = apply(params, *inputs)
     context, _, context_valid, target_idx, target_valid = inputs
     assert out.shape == (*target_idx.shape, 24)
 
     def changed(**replace):
         new = dict(zip(("context", *models_keys()), inputs, strict=True)) | replace
-        return predictor.apply(params, *new.values())
+        return apply(params, *new.values())
 
     # Moving block 1 of image 0 changes block 1's predictions, never block 0's.
     moved = target_idx.copy()
@@ -204,9 +205,10 @@ def test_context_encoder_sees_only_context_patches(tokenizer):
     masks = mb.multiblock_masks(mb.MultiBlockSpec(grid=8, min_keep=3), 0, 0, 2)
     idx, valid = masks["context_idx"], masks["context_valid"]
     images = np.random.default_rng(0).standard_normal((2, 8 * patch, 8 * patch, 3), np.float32)
-    params = encoder.init(jax.random.key(0), images)
-    assert encoder.apply(params, images).shape == (2, 64, 16)
-    out = encoder.apply(params, images, idx, valid)
+    params = jax.jit(encoder.init)(jax.random.key(0), images)
+    apply = jax.jit(encoder.apply)  # eagerly, op by op, the SCOTT stem takes ~10 s a call
+    assert apply(params, images).shape == (2, 64, 16)
+    out = apply(params, images, idx, valid)
     assert out.shape == (2, idx.shape[1], 16)
     # Change every pixel outside image 0's context: its valid outputs stay the same.
     keep = np.zeros(64, bool)
@@ -214,9 +216,9 @@ def test_context_encoder_sees_only_context_patches(tokenizer):
     pixels = np.repeat(np.repeat(keep.reshape(8, 8), patch, 0), patch, 1)
     edited = images.copy()
     edited[0][~pixels] += 5.0
-    new = encoder.apply(params, edited, idx, valid)
+    new = apply(params, edited, idx, valid)
     np.testing.assert_allclose(new[0][valid[0]], out[0][valid[0]], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(encoder.apply(params, edited), encoder.apply(params, images))
+    assert not np.allclose(apply(params, edited), apply(params, images))
 
 
 def test_loss_ignores_padding_and_matches_the_plain_mean():

@@ -196,7 +196,8 @@ def test_masked_pixels_never_reach_any_output(tiny_scott, tiny_variables, batch,
 def test_masked_tokens_leave_the_tokenizer_as_exact_zeros(tiny_scott, tiny_variables, batch):
     images, keep_mask = batch
     variables = tiny_variables["tiny_scott"]
-    _, state = tiny_scott.apply(variables, images, keep_mask, mutable=["intermediates"])
+    apply = jax.jit(functools.partial(tiny_scott.apply, mutable=["intermediates"]))
+    _, state = apply(variables, images, keep_mask)
     tokens = np.asarray(state["intermediates"]["tokens"][0])
     masked = np.asarray(keep_mask) == 0
     assert np.all(tokens[masked] == 0.0)
