@@ -23,11 +23,11 @@ import time
 
 def shapes(variant: str, img_size: int, batch: int) -> dict[str, tuple[int, int, int]]:
     """{name: (M, K, N)} of the step's main matmuls for a named SCOTT / ViT variant."""
-    from scott_jax.models import DEFAULTS, encoder_kwargs
+    from scott_jax.models import encoder_kwargs
     from scott_jax.models.transformer import swiglu_hidden_dim
 
     kwargs = encoder_kwargs(variant, img_size)
-    dim, tokens = DEFAULTS["embed_dim"], batch * (img_size // kwargs["patch_size"]) ** 2
+    dim, tokens = kwargs["embed_dim"], batch * (img_size // kwargs["patch_size"]) ** 2
     hidden = swiglu_hidden_dim(dim)
     result = {
         "qkv": (tokens, dim, 3 * dim),

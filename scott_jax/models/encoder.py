@@ -86,11 +86,7 @@ class Encoder(nn.Module):
         `max_kept`: a static bound on the kept patches per row, which lets the SCOTT stem
         skip the masked patches' convolutions (`ScottTokenizer`); same outputs.
         """
-        tokenizer = self.make_tokenizer()
-        if self.tokenizer == "scott":
-            tokens = tokenizer(images, keep_mask, max_kept)
-        else:
-            tokens = tokenizer(images, keep_mask)
+        tokens = self.make_tokenizer()(images, keep_mask, max_kept)
         self.sow("intermediates", "tokens", tokens)
         return Transformer(
             depth=self.depth,

@@ -307,6 +307,7 @@ class PatchEmbedTokenizer(nn.Module):
 
     The keep-mask is accepted for a uniform interface and only validated: non-overlapping
     patches need no pixel masking, the transformer swaps masked tokens for the mask token.
+    `max_kept` (the SCOTT stem's sparsity bound) is accepted and ignored for the same reason.
     """
 
     embed_dim: int
@@ -315,7 +316,13 @@ class PatchEmbedTokenizer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, keep_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array,
+        keep_mask: jax.Array | None = None,
+        max_kept: int | None = None,
+    ) -> jax.Array:
+        del max_kept
         grid = patch_grid(self.img_size, self.patch_size)
         check_inputs(images, keep_mask, self.img_size, grid)
         p = self.patch_size
