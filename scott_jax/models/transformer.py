@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 
 from scott_jax.models import initializers
+from scott_jax.models.dropout import Dropout
 
 LN_EPS = 1e-5
 LINEAR_STD = 0.02
@@ -104,11 +105,11 @@ class Attention(nn.Module):
         q, k, v = (jnp.einsum("bnc,chd->bhnd", x, qkv_kernel[:, i]) for i in range(3))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
+        weights = Dropout(self.attention_dropout)(weights, deterministic=not train)
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         proj_kernel = Kernel((dim, dim), self.out_init_std, name="proj")().astype(self.dtype)
         out = jnp.einsum("bhnd,hdc->bnc", out, proj_kernel.reshape(heads, head_dim, dim))
-        return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
+        return Dropout(self.dropout_rate)(out, deterministic=not train)
 
 
 class SwiGLU(nn.Module):
@@ -157,7 +158,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             name="linear1",
         )(x)
-        x = nn.Dropout(self.dropout_rate)(nn.gelu(x, approximate=False), deterministic=not train)
+        x = Dropout(self.dropout_rate)(nn.gelu(x, approximate=False), deterministic=not train)
         x = nn.Dense(
             dim,
             use_bias=False,
@@ -165,7 +166,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             name="last_linear",
         )(x)
-        return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        return Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
 class Block(nn.Module):
@@ -260,7 +261,7 @@ class Transformer(nn.Module):
                 [np.zeros((self.num_register_tokens, dim), np.float32), pos_embed]
             )
         x = x + jnp.asarray(pos_embed, self.dtype)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = Dropout(self.dropout_rate)(x, deterministic=not train)
         drop_path_rates = np.linspace(0.0, self.stochastic_depth_rate, self.depth)
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(self.depth):
