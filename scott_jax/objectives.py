@@ -22,6 +22,12 @@ def target_features(features: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(layer_norm(features))
 
 
+def smooth_l1(diff: jax.Array) -> jax.Array:
+    """Element-wise Smooth-L1 with β = 1: 0.5·d² where |d| < 1, else |d| − 0.5."""
+    abs_diff = jnp.abs(diff)
+    return jnp.where(abs_diff < 1.0, 0.5 * diff * diff, abs_diff - 0.5)
+
+
 def masked_smooth_l1(pred: jax.Array, target: jax.Array, keep_mask: chex.Array) -> jax.Array:
     """The reference's `ReconstructionLoss` (SPEC §6.2 step 5): a float32 scalar.
 
@@ -43,11 +49,39 @@ def masked_smooth_l1(pred: jax.Array, target: jax.Array, keep_mask: chex.Array) 
             f"{target.shape} and {keep_mask.shape}"
         )
     drop = 1.0 - jnp.asarray(keep_mask, jnp.float32)
-    diff = (pred.astype(jnp.float32) - target.astype(jnp.float32)) * drop[..., None]
-    abs_diff = jnp.abs(diff)
-    elementwise = jnp.where(abs_diff < 1.0, 0.5 * diff * diff, abs_diff - 0.5)
+    diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    elementwise = smooth_l1(diff * drop[..., None])
     per_token = (elementwise.sum(-1) + 1e-8) / pred.shape[-1]
     per_sample = per_token.sum(-1) / (drop.sum(-1) + 1e-8)
+    return per_sample.mean()
+
+
+def masked_tokens(keep_mask: chex.Array, num_masked: int) -> tuple[jax.Array, jax.Array]:
+    """keep_mask [B, N] -> (index [B, num_masked] int32, exact [B] bool).
+
+    index lists each row's masked tokens (keep_mask == 0) in row-major order; exact flags
+    the rows that mask exactly `num_masked` tokens (otherwise index is cut or padded).
+    """
+    masked = jnp.asarray(keep_mask) == 0
+    index = jax.vmap(lambda row: jnp.nonzero(row, size=num_masked, fill_value=0)[0])(masked)
+    return index.astype(jnp.int32), jnp.count_nonzero(masked, axis=1) == num_masked
+
+
+def smooth_l1_at_masked(pred: jax.Array, target: jax.Array, num_tokens: int) -> jax.Array:
+    """`masked_smooth_l1` computed from the masked tokens alone: a float32 scalar.
+
+    pred, target [B, M, D] at *all* M masked tokens of each row (`masked_tokens`), of
+    num_tokens N. In the reference formula each of the N − M kept tokens adds 1e-8/D to its
+    row's sum; that constant is added here, so the value equals `masked_smooth_l1` on the
+    full [B, N, D] arrays up to float summation order, and so do the gradients.
+    """
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"expected pred and target [B, M, D], got {pred.shape}, {target.shape}")
+    num_masked, dim = pred.shape[1:]
+    elementwise = smooth_l1(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    per_token = (elementwise.sum(-1) + 1e-8) / dim
+    kept_terms = (num_tokens - num_masked) * 1e-8 / dim
+    per_sample = (per_token.sum(-1) + kept_terms) / (num_masked + 1e-8)
     return per_sample.mean()
 
 
@@ -75,7 +109,7 @@ def block_regression_loss(
         )
     diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
     if kind == "smooth_l1":
-        elementwise = jnp.where(jnp.abs(diff) < 1.0, 0.5 * diff * diff, jnp.abs(diff) - 0.5)
+        elementwise = smooth_l1(diff)
     else:
         elementwise = diff * diff
     weight = jnp.asarray(valid, jnp.float32)

@@ -36,6 +36,7 @@ from scott_jax.checkpoint import Checkpointer, preemption_guard
 from scott_jax.data import device_augment  # JAX only: imports no TensorFlow
 from scott_jax.models import build_predictor, encoder_from_config
 from scott_jax.models.probes import SimpleAttentiveProbe
+from scott_jax.models.transformer import gather_tokens
 from scott_jax.sharding import make_mesh, to_global
 from scott_jax.writers import MetricWriter, log_progress
 
@@ -153,7 +154,7 @@ def train_step(
     aug: str = "none",
     probe=None,
     probe_tx=None,
-    max_kept: int | None = None,
+    num_kept: int | None = None,
 ):
     """One MIM-JEPA update (SPEC §6.2); returns (new state, metrics of this step).
 
@@ -161,8 +162,12 @@ def train_step(
     [B, S, S, 3] uint8 (`config.data.color_on_device`: the crop, coloured here with `aug`),
     'keep_mask' [B, N] (1 = visible), and 'label' [B] when the online probe is on. Randomness
     is `fold_in(seed, step)`, so a resumed run draws the same dropout and colours as an
-    uninterrupted one. `max_kept` bounds the kept patches per mask row (static), so the
-    SCOTT stem can skip the convolutions of masked patches (same numbers, `Encoder`).
+    uninterrupted one. `num_kept` (static) says every mask row keeps exactly that many
+    tokens, as `masking`'s masks do: the SCOTT stem then skips the masked patches'
+    convolutions (`Encoder`'s max_kept) and the predictor's last block and head run only
+    at the masked tokens, which are all the loss reads (same loss and gradients). A row
+    keeping a different number makes the loss NaN, which stops training, never silently
+    wrong.
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if "view" in batch:  # colour and normalise both views on the accelerator
@@ -184,16 +189,25 @@ def train_step(
             batch["context"],
             keep_mask,
             train=True,
-            max_kept=max_kept,
+            max_kept=num_kept,
             rngs=dict(zip(("dropout", "drop_path"), jax.random.split(enc_rng), strict=True)),
         )
-        predicted = predictor.apply(
+        predict = functools.partial(
+            predictor.apply,
             {"params": params["predictor"]},
             context,
             train=True,
             rngs=dict(zip(("dropout", "drop_path"), jax.random.split(pred_rng), strict=True)),
         )
-        loss = objectives.masked_smooth_l1(predicted, targets, keep_mask)
+        if num_kept is None:
+            loss = objectives.masked_smooth_l1(predict(), targets, keep_mask)
+        else:
+            num_tokens = keep_mask.shape[1]
+            queries, exact = objectives.masked_tokens(keep_mask, num_tokens - num_kept)
+            loss = objectives.smooth_l1_at_masked(
+                predict(queries=queries), gather_tokens(targets, queries), num_tokens
+            )
+            loss = jnp.where(exact.all(), loss, jnp.nan)
         return loss, pooled_std(objectives.target_features(context))
 
     # 5-6. Loss, gradients, AdamW with the scheduled LR / WD.
@@ -411,7 +425,7 @@ def build_trainer(
         aug=config.data.aug,
         probe=probe,
         probe_tx=probe_tx,
-        max_kept=masking.num_kept(encoder.num_patches, config.mask.ratio),
+        num_kept=masking.num_kept(encoder.num_patches, config.mask.ratio),
     )
 
     def add_masks(batches: Iterator[dict], start_step: int) -> Iterator[dict]:

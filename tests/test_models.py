@@ -72,6 +72,38 @@ def test_predictor_parameter_count():
     assert "mask_token" not in params["transformer"]  # SPEC §10.5: never used, not created
 
 
+@pytest.mark.parametrize("registers", [0, 2])
+def test_predictor_at_queried_tokens_equals_the_full_output_there(registers):
+    """`queries` computes only those tokens in the last block and head: the same rows, and
+    the same gradients, as the full [B, N, D] output (train mode without dropout)."""
+    predictor = build_predictor(
+        build_encoder("scott-7/16", 64, embed_dim=32, depth=2, num_heads=2),
+        depth=2,
+        num_register_tokens=registers,
+        dropout_rate=0.0,
+        attention_dropout=0.0,
+        stochastic_depth_rate=0.0,
+    )
+    x = jax.random.normal(jax.random.key(0), (3, 16, 32))
+    queries = jnp.asarray([[0, 5, 6, 15], [1, 2, 3, 4], [15, 9, 8, 0]])
+    params = jax.jit(predictor.init)(jax.random.key(1), x)
+
+    def outputs(params, queries):
+        full = predictor.apply(params, x, train=True)
+        return jnp.take_along_axis(full, queries[..., None], 1), predictor.apply(
+            params, x, train=True, queries=queries
+        )
+
+    gathered, queried = jax.jit(outputs)(params, queries)
+    assert queried.shape == (3, 4, 32)
+    np.testing.assert_allclose(queried, gathered, rtol=1e-5, atol=1e-6)
+    grads = jax.jit(
+        jax.grad(lambda p, i: jnp.sum(jnp.sin(outputs(p, queries)[i])), argnums=0),
+        static_argnums=1,
+    )
+    chex.assert_trees_all_close(grads(params, 1), grads(params, 0), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("img_size", [64, 224])
 def test_output_shapes_for_every_variant(variant, img_size):

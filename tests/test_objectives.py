@@ -124,3 +124,30 @@ def test_parity_with_reference_loss(model):
         keep = data["keep_mask"]
     loss = masked_smooth_l1(pred, target_features(jnp.asarray(dense)), keep)
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_loss_from_the_masked_tokens_alone_equals_the_full_loss():
+    """`smooth_l1_at_masked` on the gathered masked tokens: the full loss's value (with
+    its 1e-8 terms of the kept tokens) and gradient, and `masked_tokens` flags rows that
+    mask a different number of tokens."""
+    pred, target, keep = random_case(seed=4, batch=4, tokens=12, dim=6, kept=5)
+    index, exact = objectives.masked_tokens(keep, 7)
+    assert exact.all()
+    for row, idx in zip(keep, np.asarray(index), strict=True):
+        np.testing.assert_array_equal(idx, np.flatnonzero(row == 0))
+
+    def at_masked(pred):
+        gather = lambda x: jnp.take_along_axis(x, index[..., None], axis=1)  # noqa: E731
+        return objectives.smooth_l1_at_masked(gather(pred), gather(target), 12)
+
+    loss, grad = jax.jit(jax.value_and_grad(at_masked))(pred)
+    full_loss, full_grad = jax.jit(jax.value_and_grad(objectives.masked_smooth_l1))(
+        pred, target, keep
+    )
+    np.testing.assert_allclose(loss, reference_loss(pred, target, keep), rtol=1e-6)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, full_grad, rtol=1e-6, atol=1e-12)
+    # With pred == target only the 1e-8 terms are left, those of the kept tokens included.
+    np.testing.assert_allclose(at_masked(target), reference_loss(target, target, keep), rtol=1e-5)
+    keep[1, np.flatnonzero(keep[1] == 0)[0]] = 1  # row 1 masks 6 tokens now
+    np.testing.assert_array_equal(objectives.masked_tokens(keep, 7)[1], [1, 0, 1, 1])

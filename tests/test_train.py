@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scott_jax import masking, train
+from scott_jax import masking, objectives, train
 from scott_jax.checkpoint import Checkpointer, load_state_tree
 from scott_jax.data.augment_spec import IMAGENET_MEAN, IMAGENET_STD
 from scott_jax.sharding import make_mesh
@@ -172,6 +172,46 @@ def test_sparse_stem_step_on_8_devices_equals_the_dense_step(one_device_run):
     chex.assert_trees_all_close(
         jax.device_get(state8.params), jax.device_get(state1.params), atol=1e-5, rtol=1e-5
     )
+
+
+def test_predicting_only_the_masked_tokens_gives_the_full_loss():
+    """The train step runs the predictor's last block and head at the masked tokens only
+    (`num_kept`): its loss equals the full predictor's masked loss (without dropout); a
+    mask row keeping a different number of tokens makes the loss NaN instead of dropping
+    masked tokens. (Equal gradients: test_models, test_objectives.)"""
+    config = tiny_config(
+        **{"model.dropout_rate": 0.0, "model.attention_dropout": 0.0},
+        **{"model.stochastic_depth_rate": 0.0},
+    )
+    trainer = train.build_trainer(
+        config,
+        dict(steps_per_epoch=10, total_steps=20, warmup_steps=2),
+        make_mesh(jax.devices()[:1]),
+    )
+    encoder, predictor = train.build_models(config)
+    state = trainer.init(jax.random.key(0))
+    params = jax.device_get(state.params)
+    batch = synthetic_batch(config, 8)
+    batch.pop("label")
+
+    @jax.jit
+    def full_loss(batch):
+        targets = objectives.target_features(
+            encoder.apply({"params": params["context_encoder"]}, batch["target"])
+        )
+        context = encoder.apply(
+            {"params": params["context_encoder"]}, batch["context"], batch["keep_mask"]
+        )
+        predicted = predictor.apply({"params": params["predictor"]}, context)
+        return objectives.masked_smooth_l1(predicted, targets, batch["keep_mask"])
+
+    expected = full_loss(batch)  # before the step: the state's buffers are donated
+    keep_mask = batch["keep_mask"].copy()
+    keep_mask[3, np.flatnonzero(keep_mask[3])[0]] = 0  # row 3 now masks one token more
+    _, metrics = trainer.step(state, batch)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    _, metrics = trainer.step(trainer.init(jax.random.key(0)), {**batch, "keep_mask": keep_mask})
+    assert np.isnan(metrics["loss"])
 
 
 def test_step_updates_params_ema_and_probe(one_device_run):

@@ -56,6 +56,11 @@ def swiglu_hidden_dim(embed_dim: int) -> int:
     return hidden
 
 
+def gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, N, ...], index [B, M] -> x[b, index[b]] [B, M, ...]."""
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Per-sample stochastic depth: zero a sample's branch with prob `rate`, rescale the rest."""
     keep = 1.0 - rate
@@ -85,6 +90,8 @@ class Attention(nn.Module):
     [H, d, D], so q, k, v come out head-major [B, H, N, d] and the heads are merged inside
     the output projection: no transposes of activations (on CPU ~13 % faster forward and
     backward than Dense(3D) -> split -> reshape, with the same numbers and parameters).
+    `queries` [B, M] (token indices) computes only those rows of the output, [B, M, D]:
+    keys and values still come from all N tokens, so each row equals the full output's.
     """
 
     num_heads: int
@@ -94,7 +101,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, queries: jax.Array | None = None) -> jax.Array:
         dim = x.shape[-1]
         if dim % self.num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {self.num_heads}")
@@ -102,7 +109,10 @@ class Attention(nn.Module):
         x = x.astype(self.dtype)
         qkv_kernel = Kernel((dim, 3 * dim), name="qkv")().astype(self.dtype)
         qkv_kernel = qkv_kernel.reshape(dim, 3, heads, head_dim)
-        q, k, v = (jnp.einsum("bnc,chd->bhnd", x, qkv_kernel[:, i]) for i in range(3))
+        x_q = x if queries is None else gather_tokens(x, queries)
+        q, k, v = (
+            jnp.einsum("bnc,chd->bhnd", x_i, qkv_kernel[:, i]) for i, x_i in enumerate((x_q, x, x))
+        )
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         weights = Dropout(self.attention_dropout)(weights, deterministic=not train)
@@ -187,8 +197,11 @@ class Block(nn.Module):
         return drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        # `train` may be positional: `nn.remat` needs it as a static positional argument.
+    def __call__(self, x: jax.Array, train: bool, queries: jax.Array | None = None) -> jax.Array:
+        """x [B, N, D] -> [B, N, D], or [B, M, D] at the token indices `queries` [B, M].
+
+        `train` may be positional: `nn.remat` needs it as a static positional argument.
+        """
         y = Attention(
             self.num_heads,
             self.dropout_rate,
@@ -196,7 +209,9 @@ class Block(nn.Module):
             self.out_init_std,
             self.dtype,
             name="attn",
-        )(layer_norm(x), train=train)
+        )(layer_norm(x), train=train, queries=queries)
+        if queries is not None:
+            x = gather_tokens(x, queries)
         x = layer_norm(x + self._drop_path(y, train))
         if self.ffn_layer == "swiglu":
             ffn = SwiGLU(self.out_init_std, self.dtype, name="ffn")
@@ -217,6 +232,8 @@ class Transformer(nn.Module):
     `rescale_offsets`: (0,) for the encoder, (0, backbone_depth) for the predictor's
     faithful double rescale (SPEC §4, §10.4). `remat=True` recomputes each block's
     activations in the backward pass instead of storing them (same numbers, less memory).
+    `queries` [B, M] (token indices, registers not counted) makes the last block compute
+    only those tokens: the output is then [B, M, D], equal to the full output gathered there.
     """
 
     depth: int
@@ -235,7 +252,12 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, keep_mask: jax.Array | None = None, *, train: bool = False
+        self,
+        tokens: jax.Array,
+        keep_mask: jax.Array | None = None,
+        *,
+        train: bool = False,
+        queries: jax.Array | None = None,
     ) -> jax.Array:
         batch, length, dim = tokens.shape
         if length != self.grid_size**2:
@@ -263,6 +285,11 @@ class Transformer(nn.Module):
         x = x + jnp.asarray(pos_embed, self.dtype)
         x = Dropout(self.dropout_rate)(x, deterministic=not train)
         drop_path_rates = np.linspace(0.0, self.stochastic_depth_rate, self.depth)
+        last_queries = None
+        if queries is not None:
+            if self.depth < 1:
+                raise ValueError("queries need at least one block to compute them in")
+            last_queries = queries + self.num_register_tokens
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(self.depth):
             divisor = float(np.prod([np.sqrt(2.0 * (i + 1 + o)) for o in self.rescale_offsets]))
@@ -276,5 +303,5 @@ class Transformer(nn.Module):
                 out_init_std=LINEAR_STD / divisor,
                 dtype=self.dtype,
                 name=f"block_{i}",
-            )(x, train)
-        return x[:, self.num_register_tokens :]
+            )(x, train, last_queries if i == self.depth - 1 else None)
+        return x if queries is not None else x[:, self.num_register_tokens :]
