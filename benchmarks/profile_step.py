@@ -58,7 +58,7 @@ def phase_of(name: str) -> str:
 
 def part_of(name: str) -> str:
     """The model part an op belongs to, from its name stack."""
-    if "_bernoulli" in name or "threefry" in name:
+    if "_bernoulli" in name or "threefry" in name or "dropout_bits" in name:
         return "dropout_rng"
     if "Predictor" in name or "predictor" in name:
         return "predictor"

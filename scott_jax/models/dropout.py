@@ -50,16 +50,18 @@ def keep_elements(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Ar
     calls = (*lead, -(-n // _PER_CALL))
     if math.prod(calls) >= 2**32:
         raise ValueError(f"dropout over {shape} needs more than 2**32 Threefry calls")
-    counter = jnp.zeros(calls, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(calls))):
-        counter += lax.broadcasted_iota(jnp.uint32, calls, axis) * jnp.uint32(stride)
-        stride *= calls[axis]
-    high, low = threefry2x32_p.bind(*_threefry_key_words(key), jnp.zeros_like(counter), counter)
-    mask16 = jnp.uint32(_LEVELS - 1)
-    uniforms = jnp.stack([low & mask16, low >> 16, high & mask16, high >> 16], axis=-1)
-    uniforms = uniforms.reshape(*lead, calls[-1] * _PER_CALL)[..., :n].reshape(shape)
-    return uniforms >= jnp.uint32(round(rate * _LEVELS))
+    with jax.named_scope("dropout_bits"):  # the name profile_step.py files these ops under
+        counter = jnp.zeros(calls, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(len(calls))):
+            counter += lax.broadcasted_iota(jnp.uint32, calls, axis) * jnp.uint32(stride)
+            stride *= calls[axis]
+        words = _threefry_key_words(key)
+        high, low = threefry2x32_p.bind(*words, jnp.zeros_like(counter), counter)
+        mask16 = jnp.uint32(_LEVELS - 1)
+        uniforms = jnp.stack([low & mask16, low >> 16, high & mask16, high >> 16], axis=-1)
+        uniforms = uniforms.reshape(*lead, calls[-1] * _PER_CALL)[..., :n].reshape(shape)
+        return uniforms >= jnp.uint32(round(rate * _LEVELS))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
