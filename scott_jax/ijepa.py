@@ -25,7 +25,8 @@ import optax
 from scott_jax import objectives, optim, train
 from scott_jax.masking_multiblock import MultiBlockSpec, check_spec, multiblock_masks
 from scott_jax.models import encoder_from_config
-from scott_jax.models.ijepa import Encoder, Predictor, gather_tokens
+from scott_jax.models.ijepa import Encoder, Predictor
+from scott_jax.models.transformer import gather_tokens
 
 MASK_KEYS = ("context_idx", "context_valid", "target_idx", "target_valid")
 

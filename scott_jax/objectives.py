@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from scott_jax.models.tokenizers import kept_patches
 from scott_jax.models.transformer import layer_norm
 
 
@@ -60,11 +61,11 @@ def masked_tokens(keep_mask: chex.Array, num_masked: int) -> tuple[jax.Array, ja
     """keep_mask [B, N] -> (index [B, num_masked] int32, exact [B] bool).
 
     index lists each row's masked tokens (keep_mask == 0) in row-major order; exact flags
-    the rows that mask exactly `num_masked` tokens (otherwise index is cut or padded).
+    the rows that mask exactly `num_masked` tokens (otherwise index is cut, or padded with N).
     """
     masked = jnp.asarray(keep_mask) == 0
-    index = jax.vmap(lambda row: jnp.nonzero(row, size=num_masked, fill_value=0)[0])(masked)
-    return index.astype(jnp.int32), jnp.count_nonzero(masked, axis=1) == num_masked
+    index, _ = kept_patches(masked, num_masked)
+    return index, jnp.count_nonzero(masked, axis=1) == num_masked
 
 
 def smooth_l1_at_masked(pred: jax.Array, target: jax.Array, num_tokens: int) -> jax.Array:

@@ -25,7 +25,7 @@ from scott_jax.models.tokenizers import (
     ScottTokenizer,
     patch_grid,
 )
-from scott_jax.models.transformer import LINEAR_STD, drop_path, sincos_pos_embed
+from scott_jax.models.transformer import LINEAR_STD, drop_path, gather_tokens, sincos_pos_embed
 
 LN_EPS = 1e-6
 TOKENIZERS = ("scott", "vit")
@@ -119,13 +119,6 @@ class Transformer(nn.Module):
                 name=f"block_{i}",
             )(x, valid, train=train)
         return _layer_norm("norm", self.dtype)(x)
-
-
-def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, N, D], idx int [B, ...] -> [B, ..., D]: x[b, idx[b, ...]]."""
-    flat = idx.reshape(idx.shape[0], -1)
-    out = jnp.take_along_axis(x, flat[..., None], axis=1)
-    return out.reshape(*idx.shape, x.shape[-1])
 
 
 def keep_mask_from(context_idx: jax.Array, context_valid: jax.Array, num_patches: int):

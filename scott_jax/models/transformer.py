@@ -56,9 +56,11 @@ def swiglu_hidden_dim(embed_dim: int) -> int:
     return hidden
 
 
-def gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B, N, ...], index [B, M] -> x[b, index[b]] [B, M, ...]."""
-    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
+def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, N, D], idx int [B, ...] -> [B, ..., D]: x[b, idx[b, ...]]."""
+    flat = idx.reshape(idx.shape[0], -1)
+    out = jnp.take_along_axis(x, flat[..., None], axis=1)
+    return out.reshape(*idx.shape, x.shape[-1])
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
