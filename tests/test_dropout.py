@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from configs import common
+from scott_jax.models import build_predictor, encoder_from_config
 from scott_jax.models.dropout import Dropout, dropout, keep_elements
 
 
@@ -83,3 +86,28 @@ def test_mask_does_not_depend_on_the_sharding():
         y = jax.jit(dropout, static_argnums=1)(sharded, 0.2, jax.random.key(9))
         assert len(y.sharding.device_set) == 8
         np.testing.assert_array_equal(y, expected)
+
+
+def test_fast_dropout_false_is_flax_dropout_in_every_module():
+    """`config.model.fast_dropout=False` restores `nn.Dropout` (the exact rate): the module
+    then draws flax's mask, and the flag reaches the encoder's and predictor's blocks."""
+    x = jnp.ones((4, 64))
+    rngs = {"dropout": jax.random.key(10)}
+    np.testing.assert_array_equal(
+        Dropout(0.3, fast=False).apply({}, x, deterministic=False, rngs=rngs),
+        nn.Dropout(0.3).apply({}, x, deterministic=False, rngs=rngs),
+    )
+    config = common.get_config()
+    config.variant, config.img_size = "scott-3/16", 32
+    config.model.embed_dim, config.model.depth, config.model.num_heads = 64, 1, 2
+    images = jax.random.normal(jax.random.key(11), (2, 32, 32, 3))
+    outputs = {}
+    for fast in (True, False):
+        config.model.fast_dropout = fast
+        encoder = encoder_from_config(config)
+        predictor = build_predictor(encoder, depth=1)
+        assert encoder.fast_dropout is fast and predictor.fast_dropout is fast
+        params = jax.jit(encoder.init)(jax.random.key(0), images)
+        apply = jax.jit(lambda p, x, e=encoder: e.apply(p, x, train=True, rngs=rngs))
+        outputs[fast] = apply(params, images)
+    assert not np.allclose(outputs[True], outputs[False])

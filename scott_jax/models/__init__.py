@@ -107,6 +107,7 @@ def build_predictor(encoder: Encoder, depth: int = 3, **overrides) -> Predictor:
         attention_dropout=encoder.attention_dropout,
         stochastic_depth_rate=encoder.stochastic_depth_rate,
         num_register_tokens=encoder.num_register_tokens,
+        fast_dropout=encoder.fast_dropout,
         dtype=encoder.dtype,
     )
     unknown = set(overrides) - set(Predictor.__dataclass_fields__)

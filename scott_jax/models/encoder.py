@@ -41,6 +41,7 @@ class Encoder(nn.Module):
     num_register_tokens: int = 0
     conv_impl: str = "auto"
     remat: bool = False
+    fast_dropout: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -99,6 +100,7 @@ class Encoder(nn.Module):
             stochastic_depth_rate=self.stochastic_depth_rate,
             num_register_tokens=self.num_register_tokens,
             remat=self.remat,
+            fast_dropout=self.fast_dropout,
             dtype=self.dtype,
             name="transformer",
         )(tokens, keep_mask, train=train)

@@ -33,6 +33,7 @@ class Predictor(nn.Module):
     stochastic_depth_rate: float = 0.0
     num_register_tokens: int = 0
     double_rescale: bool = True
+    fast_dropout: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -59,6 +60,7 @@ class Predictor(nn.Module):
             num_register_tokens=self.num_register_tokens,
             use_mask_token=False,
             rescale_offsets=offsets,
+            fast_dropout=self.fast_dropout,
             dtype=self.dtype,
             name="transformer",
         )(x, train=train, queries=queries)

@@ -101,6 +101,7 @@ class Attention(nn.Module):
     attention_dropout: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
+    fast_dropout: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, queries: jax.Array | None = None) -> jax.Array:
@@ -117,11 +118,13 @@ class Attention(nn.Module):
         )
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        weights = Dropout(self.attention_dropout)(weights, deterministic=not train)
+        weights = Dropout(self.attention_dropout, self.fast_dropout)(
+            weights, deterministic=not train
+        )
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         proj_kernel = Kernel((dim, dim), self.out_init_std, name="proj")().astype(self.dtype)
         out = jnp.einsum("bhnd,hdc->bnc", out, proj_kernel.reshape(heads, head_dim, dim))
-        return Dropout(self.dropout_rate)(out, deterministic=not train)
+        return Dropout(self.dropout_rate, self.fast_dropout)(out, deterministic=not train)
 
 
 class SwiGLU(nn.Module):
@@ -159,6 +162,7 @@ class Mlp(nn.Module):
     dropout_rate: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
+    fast_dropout: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -170,7 +174,8 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             name="linear1",
         )(x)
-        x = Dropout(self.dropout_rate)(nn.gelu(x, approximate=False), deterministic=not train)
+        drop = Dropout(self.dropout_rate, self.fast_dropout)
+        x = drop(nn.gelu(x, approximate=False), deterministic=not train)
         x = nn.Dense(
             dim,
             use_bias=False,
@@ -178,7 +183,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             name="last_linear",
         )(x)
-        return Dropout(self.dropout_rate)(x, deterministic=not train)
+        return drop(x, deterministic=not train)
 
 
 class Block(nn.Module):
@@ -192,6 +197,7 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
+    fast_dropout: bool = True
 
     def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
         if not train or self.drop_path_rate == 0.0:
@@ -210,6 +216,7 @@ class Block(nn.Module):
             self.attention_dropout,
             self.out_init_std,
             self.dtype,
+            self.fast_dropout,
             name="attn",
         )(layer_norm(x), train=train, queries=queries)
         if queries is not None:
@@ -218,7 +225,14 @@ class Block(nn.Module):
         if self.ffn_layer == "swiglu":
             ffn = SwiGLU(self.out_init_std, self.dtype, name="ffn")
         elif self.ffn_layer == "mlp":
-            ffn = Mlp(self.mlp_ratio, self.dropout_rate, self.out_init_std, self.dtype, name="ffn")
+            ffn = Mlp(
+                self.mlp_ratio,
+                self.dropout_rate,
+                self.out_init_std,
+                self.dtype,
+                self.fast_dropout,
+                name="ffn",
+            )
         else:
             raise ValueError(f"unknown ffn_layer {self.ffn_layer!r}; expected 'swiglu' or 'mlp'")
         return x + self._drop_path(ffn(x, train=train), train)
@@ -250,6 +264,7 @@ class Transformer(nn.Module):
     use_mask_token: bool = True
     rescale_offsets: Sequence[int] = (0,)
     remat: bool = False
+    fast_dropout: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -285,7 +300,7 @@ class Transformer(nn.Module):
                 [np.zeros((self.num_register_tokens, dim), np.float32), pos_embed]
             )
         x = x + jnp.asarray(pos_embed, self.dtype)
-        x = Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = Dropout(self.dropout_rate, self.fast_dropout)(x, deterministic=not train)
         drop_path_rates = np.linspace(0.0, self.stochastic_depth_rate, self.depth)
         last_queries = None
         if queries is not None:
@@ -304,6 +319,7 @@ class Transformer(nn.Module):
                 drop_path_rate=float(drop_path_rates[i]),
                 out_init_std=LINEAR_STD / divisor,
                 dtype=self.dtype,
+                fast_dropout=self.fast_dropout,
                 name=f"block_{i}",
             )(x, train, last_queries if i == self.depth - 1 else None)
         return x if queries is not None else x[:, self.num_register_tokens :]
