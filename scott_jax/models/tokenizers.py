@@ -150,13 +150,17 @@ def kept_patches(keep_mask: jax.Array, max_kept: int) -> tuple[jax.Array, jax.Ar
 
 
 def _im2col_taps(padded: jax.Array, out_h: int, out_w: int) -> jax.Array:
-    """The 49 taps of a 7x7/2 conv: padded [..., H, W, C] -> [..., out_h, out_w, 49·C]."""
-    taps = [
-        padded[..., i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :]
-        for i in range(7)
-        for j in range(7)
-    ]
-    return jnp.concatenate(taps, axis=-1)
+    """The 49 taps of a 7x7/2 conv: padded [..., H, W, C] -> [..., out_h, out_w, 49·C].
+
+    Channel (i·7 + j)·C + c holds padded[..., 2a + i, 2b + j, c], the layout of
+    `kernel.reshape(49·C, O)`. The 7 column taps are gathered first ([..., H, out_w, 7·C]),
+    then the 7 row taps of that: two 7-way concatenations instead of one 49-way one, which
+    XLA:CPU compiles about 2x faster (forward and backward) at the same run time.
+    """
+    columns = jnp.concatenate(
+        [padded[..., :, j : j + 2 * out_w - 1 : 2, :] for j in range(7)], axis=-1
+    )
+    return jnp.concatenate([columns[..., i : i + 2 * out_h - 1 : 2, :, :] for i in range(7)], -1)
 
 
 def sparse_conv7x7s2(
