@@ -1,6 +1,8 @@
 """Test setup: 8 host CPU devices (set before jax is imported) and tiny model configs."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # The tests' programs are tiny and run a few steps each, so XLA's compile time dominates:
@@ -18,11 +20,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One persistent compilation cache per test session, shared with the launch.py subprocesses:
-# tests that build the same tiny model compile its step once instead of once per test.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scott_jax_test_jit_cache_")
-)
+# One persistent compilation cache per test session, shared with the pytest-xdist workers and
+# the launch.py subprocesses (they inherit the environment): tests that build the same tiny
+# model compile its step once instead of once per test. The process that creates it removes
+# it at exit, so no run leaves it behind in the temp dir.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="scott_jax_test_jit_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax
