@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scott_jax.models import VARIANTS, build_encoder, build_predictor
+from scott_jax.models.linear import Dense, flat_dot_general
 from scott_jax.models.tokenizers import ScottTokenizer, StemConv, max_blur_pool
 from scott_jax.models.transformer import sincos_pos_embed, swiglu_hidden_dim
 
@@ -144,6 +145,30 @@ def test_conv_implementations_agree():
     np.testing.assert_allclose(jax.jit(im2col.apply)(params, x), out, atol=1e-5)
     with pytest.raises(ValueError, match="unknown conv_impl"):
         StemConv(12, "winograd").init(jax.random.key(1), x)
+
+
+def test_flat_dense_equals_nn_dense_and_its_weight_gradient_is_one_2d_matmul():
+    """linear.Dense has nn.Dense's parameters and numbers; its kernel gradient for a rank-3
+    input contracts one flattened axis (the point of it: XLA:CPU transposes and slows the
+    gradient's producers for a dot contracting batch and token axes together)."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+    ours, flax_dense = Dense(4, name="d"), nn.Dense(4, name="d")
+    params = ours.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal_shapes(params, flax_dense.init(jax.random.key(1), x))
+
+    def grads(module):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), (0, 1))(params, x)
+
+    np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6)
+    chex.assert_trees_all_close(grads(ours), grads(flax_dense), rtol=1e-5, atol=1e-6)
+    jaxpr = jax.make_jaxpr(functools.partial(grads, ours))()
+    contractions = [
+        e.params["dimension_numbers"][0] for e in jaxpr.eqns if e.primitive.name == "dot_general"
+    ]
+    assert ((0,), (0,)) in contractions
+    assert all(len(lhs) == 1 for lhs, _ in contractions), contractions
+    with pytest.raises(ValueError, match=r"\[\.\.\., I\] x \[I, O\]"):
+        flat_dot_general(x, jnp.ones((5, 4)), (((1,), (0,)), ((), ())))
 
 
 def test_sparse_stem_equals_masked_dense():

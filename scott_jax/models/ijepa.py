@@ -19,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from scott_jax.models import initializers
+from scott_jax.models.linear import Dense
 from scott_jax.models.tokenizers import (
     SCOTT_PATCH_SIZE,
     PatchEmbedTokenizer,
@@ -31,8 +32,8 @@ LN_EPS = 1e-6
 TOKENIZERS = ("scott", "vit")
 
 
-def _dense(features: int, name: str, dtype, std: float = LINEAR_STD) -> nn.Dense:
-    return nn.Dense(features, kernel_init=initializers.normal(std), dtype=dtype, name=name)
+def _dense(features: int, name: str, dtype, std: float = LINEAR_STD) -> Dense:
+    return Dense(features, kernel_init=initializers.normal(std), dtype=dtype, name=name)
 
 
 def _layer_norm(name: str, dtype) -> nn.LayerNorm:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from scott_jax.models import initializers
+from scott_jax.models.linear import Dense
 from scott_jax.models.transformer import LN_EPS, Transformer
 
 
@@ -65,7 +66,7 @@ class Predictor(nn.Module):
             name="transformer",
         )(x, train=train, queries=queries)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="head_norm")(nn.silu(x))
-        return nn.Dense(
+        return Dense(
             dim,
             kernel_init=initializers.torch_default_kernel,
             bias_init=initializers.torch_default_bias(dim),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from scott_jax.models import initializers
+from scott_jax.models.linear import matmul_2d
 
 #: Total downsampling of the SCOTT stem: two stride-2 convs and two stride-2 blur pools.
 SCOTT_PATCH_SIZE = 16
@@ -188,9 +189,14 @@ def sparse_conv7x7s2(
 
     regions = jax.vmap(jax.vmap(crop, (None, 0)))(padded, kept_index)  # [B, K, R, R, C]
     features = kernel.shape[-1]
-    out = _im2col_taps(regions, q, q) @ kernel.reshape(-1, features)  # [B, K, q, q, O]
+    out = matmul_2d(_im2col_taps(regions, q, q), kernel.reshape(-1, features))  # [B, K, q, q, O]
     dense = jnp.zeros((batch, grid * grid, q, q, features), out.dtype)
-    dense = dense.at[jnp.arange(batch)[:, None], kept_index].set(out, mode="drop")
+    num_patches = grid * grid
+    slots = jnp.arange(kept_index.shape[1], dtype=kept_index.dtype)
+    scatter_index = jnp.where(kept_index < num_patches, kept_index, num_patches + slots)
+    dense = dense.at[jnp.arange(batch)[:, None], scatter_index].set(
+        out, mode="drop", unique_indices=True
+    )
     dense = dense.reshape(batch, grid, grid, q, q, features).transpose(0, 1, 3, 2, 4, 5)
     return dense.reshape(batch, height // 2, width // 2, features)
 
@@ -227,7 +233,7 @@ class StemConv(nn.Module):
             )
         padded = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
         taps = _im2col_taps(padded, x.shape[1] // 2, x.shape[2] // 2)
-        return taps @ kernel.reshape(-1, self.features)
+        return matmul_2d(taps, kernel.reshape(-1, self.features))
 
 
 class ScottTokenizer(nn.Module):

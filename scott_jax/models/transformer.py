@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from scott_jax.models import initializers
 from scott_jax.models.dropout import Dropout
+from scott_jax.models.linear import Dense
 
 LN_EPS = 1e-5
 LINEAR_STD = 0.02
@@ -138,7 +139,7 @@ class SwiGLU(nn.Module):
         del train  # No dropout in the SwiGLU FFN, as in the reference.
         dim = x.shape[-1]
         hidden = swiglu_hidden_dim(dim)
-        x12 = nn.Dense(
+        x12 = Dense(
             2 * hidden,
             use_bias=False,
             kernel_init=initializers.normal(LINEAR_STD),
@@ -146,7 +147,7 @@ class SwiGLU(nn.Module):
             name="w12",
         )(x)
         x1, x2 = jnp.split(x12, 2, axis=-1)
-        return nn.Dense(
+        return Dense(
             dim,
             use_bias=False,
             kernel_init=initializers.normal(self.out_init_std),
@@ -167,7 +168,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dim = x.shape[-1]
-        x = nn.Dense(
+        x = Dense(
             int(dim * self.mlp_ratio),
             use_bias=False,
             kernel_init=initializers.normal(LINEAR_STD),
@@ -176,7 +177,7 @@ class Mlp(nn.Module):
         )(x)
         drop = Dropout(self.dropout_rate, self.fast_dropout)
         x = drop(nn.gelu(x, approximate=False), deterministic=not train)
-        x = nn.Dense(
+        x = Dense(
             dim,
             use_bias=False,
             kernel_init=initializers.normal(self.out_init_std),
