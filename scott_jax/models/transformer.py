@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from scott_jax.models import initializers
 from scott_jax.models.dropout import Dropout
-from scott_jax.models.linear import Dense
+from scott_jax.models.linear import Dense, matmul_2d
 
 LN_EPS = 1e-5
 LINEAR_STD = 0.02
@@ -74,8 +74,8 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
 class Kernel(nn.Module):
     """A bias-free Dense layer's parameter alone: 'kernel' [in, out], N(0, std) init.
 
-    For projections that are contracted in a reshaped form (the attention's head-major
-    einsums) while the parameter tree stays that of `nn.Dense`.
+    For the attention's projections, whose qkv kernel is also sliced (q alone at queried
+    tokens), while the parameter tree stays that of `nn.Dense`.
     """
 
     shape: tuple[int, int]
@@ -89,12 +89,14 @@ class Kernel(nn.Module):
 class Attention(nn.Module):
     """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (SPEC §3.3).
 
-    The qkv kernel [D, 3D] is contracted as [D, 3, H, d] and the projection [D, D] as
-    [H, d, D], so q, k, v come out head-major [B, H, N, d] and the heads are merged inside
-    the output projection: no transposes of activations (on CPU ~13 % faster forward and
-    backward than Dense(3D) -> split -> reshape, with the same numbers and parameters).
-    `queries` [B, M] (token indices) computes only those rows of the output, [B, M, D]:
-    keys and values still come from all N tokens, so each row equals the full output's.
+    Both projections are 2-D matmuls over [B·N, D] rows (`matmul_2d`): x @ qkv [D, 3D],
+    then one transpose to head-major [3, B, H, N, d]; the heads are merged back to
+    [B·N, D] before the projection. Contracting the kernels in head-split form instead
+    ([D, 3, H, d], [H, d, D]) makes their gradients contract batch and token axes at
+    once, which XLA:CPU serves with transposes fused into the gradients' producers: 5-10 %
+    slower steps (benchmarks/README.md). `queries` [B, M] (token indices) computes only
+    those rows of the output, [B, M, D]: keys and values still come from all N tokens, so
+    each row equals the full output's.
     """
 
     num_heads: int
@@ -106,17 +108,22 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, queries: jax.Array | None = None) -> jax.Array:
-        dim = x.shape[-1]
+        batch, dim = x.shape[0], x.shape[-1]
         if dim % self.num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {self.num_heads}")
         heads, head_dim = self.num_heads, dim // self.num_heads
+
+        def split_heads(t: jax.Array) -> jax.Array:
+            """[B, L, n·D] -> [n, B, H, L, d]."""
+            return t.reshape(batch, t.shape[1], -1, heads, head_dim).transpose(2, 0, 3, 1, 4)
+
         x = x.astype(self.dtype)
         qkv_kernel = Kernel((dim, 3 * dim), name="qkv")().astype(self.dtype)
-        qkv_kernel = qkv_kernel.reshape(dim, 3, heads, head_dim)
-        x_q = x if queries is None else gather_tokens(x, queries)
-        q, k, v = (
-            jnp.einsum("bnc,chd->bhnd", x_i, qkv_kernel[:, i]) for i, x_i in enumerate((x_q, x, x))
-        )
+        if queries is None:
+            q, k, v = split_heads(matmul_2d(x, qkv_kernel))
+        else:
+            (q,) = split_heads(matmul_2d(gather_tokens(x, queries), qkv_kernel[:, :dim]))
+            k, v = split_heads(matmul_2d(x, qkv_kernel[:, dim:]))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         weights = Dropout(self.attention_dropout, self.fast_dropout)(
@@ -124,7 +131,7 @@ class Attention(nn.Module):
         )
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         proj_kernel = Kernel((dim, dim), self.out_init_std, name="proj")().astype(self.dtype)
-        out = jnp.einsum("bhnd,hdc->bnc", out, proj_kernel.reshape(heads, head_dim, dim))
+        out = matmul_2d(out.transpose(0, 2, 1, 3).reshape(batch, -1, dim), proj_kernel)
         return Dropout(self.dropout_rate, self.fast_dropout)(out, deterministic=not train)
 
 
