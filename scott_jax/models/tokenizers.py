@@ -191,6 +191,9 @@ def sparse_conv7x7s2(
     features = kernel.shape[-1]
     out = matmul_2d(_im2col_taps(regions, q, q), kernel.reshape(-1, features))  # [B, K, q, q, O]
     dense = jnp.zeros((batch, grid * grid, q, q, features), out.dtype)
+    # Padding slots get distinct out-of-range indices (still dropped), so the scatter can
+    # promise unique indices; otherwise JAX's scatter JVP resolves possible duplicates by
+    # scattering u32 ids, a 6.4M-element detour at 224 px.
     num_patches = grid * grid
     slots = jnp.arange(kept_index.shape[1], dtype=kept_index.dtype)
     scatter_index = jnp.where(kept_index < num_patches, kept_index, num_patches + slots)
