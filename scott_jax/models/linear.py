@@ -14,9 +14,16 @@ import jax
 from flax import linen as nn
 
 
-def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul_2d(x: jax.Array, w: jax.Array, precision=None, preferred_element_type=None) -> jax.Array:
     """x [..., I] @ w [I, O] -> [..., O], computed as [M, I] @ [I, O] (M = prod(...))."""
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+    out = jax.lax.dot_general(
+        x.reshape(-1, x.shape[-1]),
+        w,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return out.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -26,15 +33,7 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
         raise ValueError(f"flat_dot_general only does [..., I] x [I, O], got {dimension_numbers}")
     if batch_dims != ((), ()):
         raise ValueError(f"flat_dot_general takes no batch dimensions, got {batch_dims}")
-    flat = lhs.reshape(-1, lhs.shape[-1])
-    out = jax.lax.dot_general(
-        flat,
-        rhs,
-        (((1,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-    return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    return matmul_2d(lhs, rhs, precision, preferred_element_type)
 
 
 class Dense(nn.Dense):

@@ -74,7 +74,7 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
 class Kernel(nn.Module):
     """A bias-free Dense layer's parameter alone: 'kernel' [in, out], N(0, std) init.
 
-    For the attention's projections, whose qkv kernel is also sliced (q alone at queried
+    For the attention's qkv projection, whose kernel is sliced (q alone at queried
     tokens), while the parameter tree stays that of `nn.Dense`.
     """
 
@@ -130,8 +130,13 @@ class Attention(nn.Module):
             weights, deterministic=not train
         )
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-        proj_kernel = Kernel((dim, dim), self.out_init_std, name="proj")().astype(self.dtype)
-        out = matmul_2d(out.transpose(0, 2, 1, 3).reshape(batch, -1, dim), proj_kernel)
+        out = Dense(
+            dim,
+            use_bias=False,
+            kernel_init=initializers.normal(self.out_init_std),
+            dtype=self.dtype,
+            name="proj",
+        )(out.transpose(0, 2, 1, 3).reshape(batch, -1, dim))
         return Dropout(self.dropout_rate, self.fast_dropout)(out, deterministic=not train)
 
 
