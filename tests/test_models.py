@@ -11,7 +11,8 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scott_jax.models import VARIANTS, build_encoder, build_predictor
+from scott_jax.models import VARIANTS, build_encoder, build_predictor, ijepa
+from scott_jax.models.encoder import Encoder
 from scott_jax.models.linear import Dense, flat_dot_general
 from scott_jax.models.tokenizers import ScottTokenizer, StemConv, max_blur_pool
 from scott_jax.models.transformer import sincos_pos_embed, swiglu_hidden_dim
@@ -221,6 +222,17 @@ def test_wrong_input_shapes_are_clear_errors(tiny_scott, tiny_variables):
         tiny_scott.apply(variables, jnp.zeros((2, 96, 96, 3)))
     with pytest.raises(ValueError, match=r"keep_mask must have shape \[B, N\] = \[2, 16\]"):
         tiny_scott.apply(variables, images, jnp.ones((2, 15)))
+
+
+@pytest.mark.parametrize("encoder_cls", [Encoder, ijepa.Encoder])
+def test_unknown_tokenizer_and_scott_patch_size_are_clear_errors(encoder_cls):
+    images = jnp.zeros((1, 32, 32, 3))
+    bad_kind = encoder_cls("conv", 32, depth=1, num_heads=2, embed_dim=8)
+    with pytest.raises(ValueError, match=r"unknown tokenizer 'conv'; expected one of"):
+        jax.eval_shape(bad_kind.init, jax.random.key(0), images)
+    bad_patch = encoder_cls("scott", 32, depth=1, num_heads=2, embed_dim=8, patch_size=8)
+    with pytest.raises(ValueError, match="downsamples by 16; patch_size 8 is not supported"):
+        jax.eval_shape(bad_patch.init, jax.random.key(0), images)
 
 
 def test_unknown_variant_and_field():

@@ -9,15 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from scott_jax.models.tokenizers import (
-    SCOTT_PATCH_SIZE,
-    PatchEmbedTokenizer,
-    ScottTokenizer,
-    patch_grid,
-)
+from scott_jax.models.tokenizers import make_tokenizer, patch_grid
 from scott_jax.models.transformer import Transformer
-
-TOKENIZERS = ("scott", "vit")
 
 
 class Encoder(nn.Module):
@@ -52,27 +45,6 @@ class Encoder(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    def make_tokenizer(self) -> nn.Module:
-        if self.tokenizer == "scott":
-            if self.patch_size != SCOTT_PATCH_SIZE:
-                raise ValueError(
-                    f"the SCOTT tokenizer downsamples by {SCOTT_PATCH_SIZE}; patch_size "
-                    f"{self.patch_size} is not supported (use tokenizer='vit' for other sizes)"
-                )
-            return ScottTokenizer(
-                self.embed_dim,
-                self.img_size,
-                conv_impl=self.conv_impl,
-                remat=self.remat,
-                dtype=self.dtype,
-                name="tokenizer",
-            )
-        if self.tokenizer == "vit":
-            return PatchEmbedTokenizer(
-                self.embed_dim, self.img_size, self.patch_size, dtype=self.dtype, name="tokenizer"
-            )
-        raise ValueError(f"unknown tokenizer {self.tokenizer!r}; expected one of {TOKENIZERS}")
-
     @nn.compact
     def __call__(
         self,
@@ -87,7 +59,16 @@ class Encoder(nn.Module):
         `max_kept`: a static bound on the kept patches per row, which lets the SCOTT stem
         skip the masked patches' convolutions (`ScottTokenizer`); same outputs.
         """
-        tokens = self.make_tokenizer()(images, keep_mask, max_kept)
+        tokenizer = make_tokenizer(
+            self.tokenizer,
+            self.embed_dim,
+            self.img_size,
+            self.patch_size,
+            conv_impl=self.conv_impl,
+            remat=self.remat,
+            dtype=self.dtype,
+        )
+        tokens = tokenizer(images, keep_mask, max_kept)
         self.sow("intermediates", "tokens", tokens)
         return Transformer(
             depth=self.depth,

@@ -20,16 +20,10 @@ from flax import linen as nn
 
 from scott_jax.models import initializers
 from scott_jax.models.linear import Dense
-from scott_jax.models.tokenizers import (
-    SCOTT_PATCH_SIZE,
-    PatchEmbedTokenizer,
-    ScottTokenizer,
-    patch_grid,
-)
+from scott_jax.models.tokenizers import make_tokenizer, patch_grid
 from scott_jax.models.transformer import LINEAR_STD, drop_path, gather_tokens, sincos_pos_embed
 
 LN_EPS = 1e-6
-TOKENIZERS = ("scott", "vit")
 
 
 def _dense(features: int, name: str, dtype, std: float = LINEAR_STD) -> Dense:
@@ -161,26 +155,6 @@ class Encoder(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    def make_tokenizer(self) -> nn.Module:
-        if self.tokenizer == "scott":
-            if self.patch_size != SCOTT_PATCH_SIZE:
-                raise ValueError(
-                    f"the SCOTT tokenizer downsamples by {SCOTT_PATCH_SIZE}; patch_size "
-                    f"{self.patch_size} is not supported (use tokenizer='vit' for other sizes)"
-                )
-            return ScottTokenizer(
-                self.embed_dim,
-                self.img_size,
-                conv_impl=self.conv_impl,
-                dtype=self.dtype,
-                name="tokenizer",
-            )
-        if self.tokenizer == "vit":
-            return PatchEmbedTokenizer(
-                self.embed_dim, self.img_size, self.patch_size, dtype=self.dtype, name="tokenizer"
-            )
-        raise ValueError(f"unknown tokenizer {self.tokenizer!r}; expected one of {TOKENIZERS}")
-
     @nn.compact
     def __call__(
         self,
@@ -192,7 +166,14 @@ class Encoder(nn.Module):
     ) -> jax.Array:
         if (context_idx is None) != (context_valid is None):
             raise ValueError("pass both context_idx and context_valid, or neither")
-        tokenizer = self.make_tokenizer()
+        tokenizer = make_tokenizer(
+            self.tokenizer,
+            self.embed_dim,
+            self.img_size,
+            self.patch_size,
+            conv_impl=self.conv_impl,
+            dtype=self.dtype,
+        )
         if context_idx is not None and self.tokenizer == "scott":
             # At most K = context_idx.shape[1] patches are kept: the stem can run sparse.
             keep_mask = keep_mask_from(context_idx, context_valid, self.num_patches)

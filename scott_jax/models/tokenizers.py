@@ -19,6 +19,9 @@ from scott_jax.models.linear import matmul_2d
 #: Total downsampling of the SCOTT stem: two stride-2 convs and two stride-2 blur pools.
 SCOTT_PATCH_SIZE = 16
 
+#: The tokenizers an encoder can be built with (`make_tokenizer`).
+TOKENIZERS = ("scott", "vit")
+
 
 def patch_grid(img_size: int, patch_size: int) -> int:
     """Side of the square patch grid; a clear error when the image does not tile."""
@@ -350,3 +353,33 @@ class PatchEmbedTokenizer(nn.Module):
             name="proj",
         )(images.astype(self.dtype))
         return x.reshape(images.shape[0], grid * grid, self.embed_dim)
+
+
+def make_tokenizer(
+    kind: str,
+    embed_dim: int,
+    img_size: int,
+    patch_size: int,
+    *,
+    conv_impl: str = "auto",
+    remat: bool = False,
+    dtype: jnp.dtype = jnp.float32,
+) -> nn.Module:
+    """The encoders' tokenizer by name ('scott' or 'vit'), as a submodule named `tokenizer`.
+
+    Call it inside the parent's compact method so that Flax binds the module there. The
+    SCOTT stem downsamples by exactly `SCOTT_PATCH_SIZE`, so any other patch size is an
+    error rather than a silently different grid.
+    """
+    if kind == "scott":
+        if patch_size != SCOTT_PATCH_SIZE:
+            raise ValueError(
+                f"the SCOTT tokenizer downsamples by {SCOTT_PATCH_SIZE}; patch_size "
+                f"{patch_size} is not supported (use tokenizer='vit' for other sizes)"
+            )
+        return ScottTokenizer(
+            embed_dim, img_size, conv_impl=conv_impl, remat=remat, dtype=dtype, name="tokenizer"
+        )
+    if kind == "vit":
+        return PatchEmbedTokenizer(embed_dim, img_size, patch_size, dtype=dtype, name="tokenizer")
+    raise ValueError(f"unknown tokenizer {kind!r}; expected one of {TOKENIZERS}")
