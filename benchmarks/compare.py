@@ -30,6 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def significant(seconds: float) -> float:
+    """Four significant digits: a fixed number of decimals would blur millisecond floors."""
+    return float(f"{seconds:.4g}")
+
+
 def run_json(command: list[str]) -> dict:
     """Runs a benchmark script; returns the JSON object on its last stdout line."""
     done = subprocess.run(command, capture_output=True, text=True)
@@ -98,12 +103,12 @@ def main() -> None:
     for side, results in runs.items():
         times = [t for r in results for t in r["step_times"]]
         sec = statistics.median(times)
-        result[f"{side}_sec_per_step"] = round(sec, 4)
+        result[f"{side}_sec_per_step"] = significant(sec)
         result[f"{side}_images_per_sec"] = round(args.batch / sec, 2)
         result[f"{side}_step_times"] = times
         result[f"{side}_flops_per_step"] = results[0]["flops_per_step"]
         result[f"{side}_compile_sec"] = results[0]["compile_sec"]
-        result[f"{side}_floor_sec"] = round(results[0]["flops_per_step"] / (gemm * 1e9), 4)
+        result[f"{side}_floor_sec"] = significant(results[0]["flops_per_step"] / (gemm * 1e9))
     ratio = result["ours_sec_per_step"] / result["official_sec_per_step"]
     result.update(
         ratio=round(ratio, 4),
