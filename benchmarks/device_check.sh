@@ -1,0 +1,33 @@
+#!/bin/bash
+# Issue 6's accelerator numbers in one call of the `device` tool (a lent H100 / H200).
+#
+# The device image has jax, flax, optax, orbax-checkpoint and chex but no ml_collections,
+# which the configs need; it cannot download. Prepare here once (.whl/ is git-ignored):
+#   python3 -m pip download --no-deps -d .whl ml_collections==1.1.0
+# then run it there with  command="bash benchmarks/device_check.sh", carry=[".whl"],
+# timeout_s=540. Each result is one JSON line of bench_train.py, in $OUT/bench.jsonl
+# (images/s, MFU against the chip's dense peak, XLA's peak memory); stderr in $OUT.
+# SIZE and BATCH override 224 and 128 (e.g. SIZE=32 BATCH=2 for a CPU smoke run).
+set -uo pipefail
+out=${OUT:-/tmp/device_check}
+size=${SIZE:-224}
+batch=${BATCH:-128}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+} | tee "$out/env.txt"
+
+bench() {
+  echo "== $*"
+  timeout 240 python3 benchmarks/bench_train.py --img-size "$size" --batch "$batch" "$@" \
+    2>>"$out/stderr.txt" | tail -1 | tee -a "$out/bench.jsonl"
+}
+bench --variant scott-12/16 --dtype bfloat16 --steps 10 --warmup 3
+bench --variant scott-7/16 --dtype bfloat16 --steps 10 --warmup 3
+bench --variant scott-12/16 --dtype float32 --steps 5 --warmup 2
+bench --variant scott-12/16 --dtype bfloat16 --remat --steps 5 --warmup 2
