@@ -26,14 +26,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
 
-#: Dense peak TFLOP/s by device kind and compute dtype, for MFU.
+#: Dense peak TFLOP/s by device kind and compute dtype, for MFU. The GPUs' float32 entries
+#: are their TF32 tensor-core peaks: JAX's default matmul precision runs float32 dots as
+#: TF32 on Ampere and later, so the CUDA-core float32 peak would overstate the MFU ~7x.
 PEAK_TFLOPS = {
     ("NVIDIA H100 80GB HBM3", "bfloat16"): 989.0,
-    ("NVIDIA H100 80GB HBM3", "float32"): 67.0,
+    ("NVIDIA H100 80GB HBM3", "float32"): 494.7,
     ("NVIDIA H200", "bfloat16"): 989.0,
-    ("NVIDIA H200", "float32"): 67.0,
+    ("NVIDIA H200", "float32"): 494.7,
     ("NVIDIA A100-SXM4-80GB", "bfloat16"): 312.0,
+    ("NVIDIA A100-SXM4-80GB", "float32"): 156.0,
     ("NVIDIA A100-SXM4-40GB", "bfloat16"): 312.0,
+    ("NVIDIA A100-SXM4-40GB", "float32"): 156.0,
     ("TPU v4", "bfloat16"): 275.0,
     ("TPU v5 lite", "bfloat16"): 197.0,
 }
