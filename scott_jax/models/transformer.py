@@ -64,6 +64,13 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
     return out.reshape(*idx.shape, x.shape[-1])
 
 
+def bias_free_dense(features: int, std: float, dtype: jnp.dtype, name: str) -> Dense:
+    """The blocks' linear layers (SPEC §3.3): no bias, kernel N(0, std), `linear.Dense`."""
+    return Dense(
+        features, use_bias=False, kernel_init=initializers.normal(std), dtype=dtype, name=name
+    )
+
+
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Per-sample stochastic depth: zero a sample's branch with prob `rate`, rescale the rest."""
     keep = 1.0 - rate
@@ -130,13 +137,9 @@ class Attention(nn.Module):
             weights, deterministic=not train
         )
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-        out = Dense(
-            dim,
-            use_bias=False,
-            kernel_init=initializers.normal(self.out_init_std),
-            dtype=self.dtype,
-            name="proj",
-        )(out.transpose(0, 2, 1, 3).reshape(batch, -1, dim))
+        out = bias_free_dense(dim, self.out_init_std, self.dtype, "proj")(
+            out.transpose(0, 2, 1, 3).reshape(batch, -1, dim)
+        )
         return Dropout(self.dropout_rate, self.fast_dropout)(out, deterministic=not train)
 
 
@@ -151,21 +154,9 @@ class SwiGLU(nn.Module):
         del train  # No dropout in the SwiGLU FFN, as in the reference.
         dim = x.shape[-1]
         hidden = swiglu_hidden_dim(dim)
-        x12 = Dense(
-            2 * hidden,
-            use_bias=False,
-            kernel_init=initializers.normal(LINEAR_STD),
-            dtype=self.dtype,
-            name="w12",
-        )(x)
+        x12 = bias_free_dense(2 * hidden, LINEAR_STD, self.dtype, "w12")(x)
         x1, x2 = jnp.split(x12, 2, axis=-1)
-        return Dense(
-            dim,
-            use_bias=False,
-            kernel_init=initializers.normal(self.out_init_std),
-            dtype=self.dtype,
-            name="last_linear",
-        )(nn.silu(x1) * x2)
+        return bias_free_dense(dim, self.out_init_std, self.dtype, "last_linear")(nn.silu(x1) * x2)
 
 
 class Mlp(nn.Module):
@@ -180,22 +171,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dim = x.shape[-1]
-        x = Dense(
-            int(dim * self.mlp_ratio),
-            use_bias=False,
-            kernel_init=initializers.normal(LINEAR_STD),
-            dtype=self.dtype,
-            name="linear1",
-        )(x)
+        x = bias_free_dense(int(dim * self.mlp_ratio), LINEAR_STD, self.dtype, "linear1")(x)
         drop = Dropout(self.dropout_rate, self.fast_dropout)
         x = drop(nn.gelu(x, approximate=False), deterministic=not train)
-        x = Dense(
-            dim,
-            use_bias=False,
-            kernel_init=initializers.normal(self.out_init_std),
-            dtype=self.dtype,
-            name="last_linear",
-        )(x)
+        x = bias_free_dense(dim, self.out_init_std, self.dtype, "last_linear")(x)
         return drop(x, deterministic=not train)
 
 
