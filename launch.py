@@ -1,8 +1,8 @@
 """Train a run: `python launch.py --config configs/flowers.py --workdir runs/flowers`.
 
-`config.method` picks the trainer: 'supervised' (configs/*_supervised.py, the from-scratch
-baselines) runs `scott_jax.supervised.train_and_evaluate`; every other method (MIM-JEPA
-pretraining, ...) runs `scott_jax.train.train_and_evaluate`, which checks the method.
+The one loop (`scott_jax.loop.train_and_evaluate`) runs `config.method`: 'mim_jepa'
+(configs/flowers.py, ...), 'ijepa' (configs/*_ijepa.py) or 'supervised' (configs/*_supervised.py,
+the from-scratch baselines).
 
 Any config field can be overridden with a dotted flag, e.g. `--config.optim.lr_peak=1e-4` or
 `--config.variant=scott-7/16`; a misspelt field is an error. Re-running the same command on
@@ -28,15 +28,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = flags.FLAGS.config
-    if config.method == "supervised":
-        from scott_jax.supervised import train_and_evaluate
-    else:
-        from scott_jax.train import train_and_evaluate
+    from scott_jax.loop import train_and_evaluate
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines are noise here
     logging.getLogger("scott_jax").setLevel(logging.INFO)
-    train_and_evaluate(config, flags.FLAGS.workdir)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

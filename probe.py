@@ -1,9 +1,10 @@
 """Frozen-feature probes on a pretraining run: `python probe.py --workdir runs/flowers`.
 
-Reads the run's checkpoint (context encoder by default, `--config.encoder=target` for the EMA
-one, `--config.encoder=random` for the random-init baseline: the run's architecture with its
-step-0 weights, results in WORKDIR/probe_random/), trains the linear and attentive probes of
-SPEC §8 with the reference's recipe, prints a table and writes WORKDIR/probe/results.json.
+Reads the run's checkpoint (the method's default encoder, e.g. MIM-JEPA's context encoder;
+`--config.encoder=target` for the EMA one, `--config.encoder=random` for the random-init
+baseline: the run's architecture with its step-0 weights, results in WORKDIR/probe_random/),
+trains the linear and attentive probes of the paper's evaluation (Appendix E) with the
+official recipe, prints a table and writes WORKDIR/probe/results.json.
 `--config` defaults to configs/probe.py; any field can be overridden with a dotted flag, e.g.
 `--config.num_epochs=10`.
 """
@@ -30,7 +31,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from scott_jax.probe import format_table, run_probes
+    from scott_jax.evaluators.probes import format_table, run_probes
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines are noise here
     logging.getLogger("scott_jax").setLevel(logging.INFO)

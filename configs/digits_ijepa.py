@@ -11,33 +11,23 @@ and the SCOTT variant differ only in the tokenizer. min_keep is scaled with the 
 10 · 64/196 -> 3: at 8x8 the targets have 9-12 patches and the context block 49-64, so
 upstream's 10 would reject nearly every target size. Same small width/depth, batch and
 epochs as configs/digits.py; the I-JEPA optimisation of configs/flowers_ijepa.py with the
-MIM-JEPA digits LR (5e-4 at batch 64) and a 3-epoch warmup, as digits.py.
+MIM-JEPA digits LR (5e-4 at batch 64), and digits.py's width, batch, epochs and warmup.
 """
 
-from configs import common
+from configs import common, digits, ijepa
 
 
 def get_config():
-    config = common.get_config()
-    config.method = "ijepa"
+    config = ijepa.apply(digits.dataset(common.get_config()))
     config.variant = "vit-7/16"
     config.img_size = 128
-    config.model.embed_dim = 128
     config.model.depth = 3
-    config.model.num_heads = 4
     config.ijepa.predictor_dim = 128
     config.ijepa.predictor_depth = 2
     config.ijepa.min_keep = 3
-    config.batch_size = 64
-    config.num_epochs = 30
-    config.optim.lr_warmup_epochs = 3.0
     config.optim.lr_start = 1e-6
     config.optim.lr_peak = 5e-4
     config.optim.lr_final = 1e-6
     config.optim.lr_flat_pctg = 0.0
-    config.data.name = "digits"
     config.data.aug = "none"
-    config.data.crop_scale = (0.6, 1.0)
-    config.checkpoint_every_steps = 200
-    config.log_every_steps = 20
     return config

@@ -12,11 +12,10 @@ Measured (10 per class, on a 2-core CPU shared with other jobs: about 45 minutes
 README's digits table.
 """
 
-from configs import digits
-from configs.common_supervised import supervised
+from configs import common, digits, supervised
 
 
 def get_config():
-    config = supervised(digits.get_config())
+    config = supervised.apply(digits.dataset(common.get_config()))
     config.optim.lr_warmup_epochs = 30.0
     return config

@@ -1,5 +1,5 @@
 """I-JEPA pretraining on Oxford Flowers-102, "full" split (8,189 images): the paper's recipe
-(SPEC §9.4) adapted to the dataset.
+(I-JEPA paper §4 and the released configs) adapted to the dataset.
 
     python launch.py --config configs/flowers_ijepa.py --workdir runs/flowers_ijepa
     python launch.py --config configs/flowers_ijepa.py --config.variant=scott-12/16 ...
@@ -19,14 +19,12 @@ NOTE(deviation): the data pipeline also flips horizontally, which I-JEPA does no
 Expected time on one GPU: not measured.
 """
 
-from configs import common
+from configs import common, flowers, ijepa
 
 
 def get_config():
-    config = common.get_config()
-    config.method = "ijepa"
+    config = ijepa.apply(flowers.dataset(common.get_config()))
     config.variant = "vit-12/16"
-    config.data.name = "oxford_flowers102"
     config.data.aug = "none"
     config.data.crop_scale = (0.3, 1.0)
     config.optim.lr_warmup_epochs = 40.0
@@ -36,8 +34,6 @@ def get_config():
     config.optim.lr_flat_pctg = 0.0  # warmup then cosine, no flat phase
     config.optim.wd_start = 0.04
     config.optim.wd_final = 0.4
-    config.optim.ema_start = 0.996
-    config.optim.ema_final = 1.0
     config.ijepa.predictor_dim = 384
     config.ijepa.predictor_depth = 6
     # 128 of 196 context slots: ~1.5% of contexts lose a few random tokens, and the

@@ -10,9 +10,8 @@ on probe_select (scott_jax.supervised). Expected time on one GPU: not measured y
 Paper (top-1, from scratch): SCOTT-12/16 79.13, ViT-12/16 71.08.
 """
 
-from configs import flowers
-from configs.common_supervised import supervised
+from configs import common, flowers, supervised
 
 
 def get_config():
-    return supervised(flowers.get_config())
+    return supervised.apply(flowers.dataset(common.get_config()))

@@ -8,11 +8,15 @@ time on one GPU: not measured yet; estimated 1-2 days on an A100-class GPU. Pape
 probe, top-1): 84.9 for SCOTT-12/16, 81.1 for SCOTT-7/16.
 """
 
-from configs import common
+from configs import common, mim_jepa
 
 
-def get_config():
-    config = common.get_config()
+def dataset(config):
+    """The dataset's fields, shared by every method's config for it."""
     config.data.name = "imagenet100"
     config.data.aug = "diff"
     return config
+
+
+def get_config():
+    return mim_jepa.apply(dataset(common.get_config()))

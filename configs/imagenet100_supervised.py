@@ -10,9 +10,8 @@ on probe_select (scott_jax.supervised). Expected time on one GPU: not measured y
 The paper gives no from-scratch number for ImageNet-100.
 """
 
-from configs import imagenet100
-from configs.common_supervised import supervised
+from configs import common, imagenet100, supervised
 
 
 def get_config():
-    return supervised(imagenet100.get_config())
+    return supervised.apply(imagenet100.dataset(common.get_config()))

@@ -7,11 +7,15 @@ one GPU: not measured yet; estimated 1-3 h on an A100-class GPU. Paper (attentiv
 top-1): 86.2 for SCOTT-12/16, 81.7 for SCOTT-7/16 (90.7 after 1,200 epochs).
 """
 
-from configs import common
+from configs import common, mim_jepa
 
 
-def get_config():
-    config = common.get_config()
+def dataset(config):
+    """The dataset's fields, shared by every method's config for it."""
     config.data.name = "oxford_iiit_pet"
     config.data.aug = "diff"
     return config
+
+
+def get_config():
+    return mim_jepa.apply(dataset(common.get_config()))

@@ -10,9 +10,8 @@ on probe_select (scott_jax.supervised). Expected time on one GPU: not measured y
 The paper gives no from-scratch number for Pets.
 """
 
-from configs import pets
-from configs.common_supervised import supervised
+from configs import common, pets, supervised
 
 
 def get_config():
-    return supervised(pets.get_config())
+    return supervised.apply(pets.dataset(common.get_config()))

@@ -1,4 +1,4 @@
-"""Frozen-feature probes on a pretraining run (SPEC §8; `scott_jax.probe.run_probes`).
+"""Frozen-feature probes on a pretraining run (paper Appendix E; `scott_jax.evaluators.probes`).
 
     python probe.py --workdir runs/digits
     python probe.py --workdir runs/flowers --config.encoder=target
@@ -19,10 +19,11 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Which weights: 'context' (the reference's default) or the EMA 'target' encoder (SPEC
-    # §10.10) of the checkpoint `step` (None: the latest), or 'random': the run's architecture
-    # with its initial weights (step 0), the random-init baseline.
-    config.encoder = "context"
+    # Which weights of the checkpoint `step` (None: the latest): one of the run's method's
+    # encoders (None: its default; MIM-JEPA, I-JEPA: 'context', as the official evaluation,
+    # or the EMA 'target'), or 'random': the run's architecture with its initial weights
+    # (step 0), the random-init baseline.
+    config.encoder = ml_collections.FieldReference(None, field_type=str)
     config.step = ml_collections.FieldReference(None, field_type=int)
     config.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # None: the run's
 
@@ -33,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.labels_per_class = ml_collections.FieldReference(None, field_type=int)
     # augment: the probes train on one view of the pretraining transform, RandomResizedCrop
     # (crop_scale) + flip + colour augmentation `aug`, with features computed in the step
-    # (the reference, SPEC §8.1); False: on eval-transform images, whose features are cached.
+    # (the official evaluation, `src/eval.py`); False: on eval-transform images, whose
+    # features are cached.
     config.augment = True
     config.aug = ml_collections.FieldReference(None, field_type=str)  # None: the run's
     config.crop_scale = ml_collections.FieldReference(None, field_type=tuple)  # None: the run's
@@ -44,8 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = ml_collections.FieldReference(None, field_type=int)
     config.seed = 47
 
-    # Model selection (SPEC §10.11): 'holdout' (on probe_select, held out from the probes'
-    # training data), 'last', or 'reference' (the paper's protocol: selects on test, leaks).
+    # Model selection: 'holdout' (on probe_select, held out from the probes' training data),
+    # 'last', or 'reference' (the official protocol: selects on test, which leaks; see
+    # docs/deviations.md).
     config.selection = "holdout"
     config.use_probe_select = True  # False: no held-out split; 'holdout' reports the last epoch
     config.eval_every_epochs = 1

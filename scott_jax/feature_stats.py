@@ -3,14 +3,15 @@
     python -m scott_jax.feature_stats --workdir runs/digits_mim --encoder target
     python -m scott_jax.feature_stats --workdir runs/digits_mim --encoder random
 
-When probes on a pretrained encoder lose to random init (README, "Evidence on digits"), these
+When probes on a pretrained encoder lose to random init (docs/results.md, "Evidence on
+digits"), these
 numbers tell a collapse (the information is gone) from a small signal next to a large shared
 component (it is there, but probes on LayerNorm'd features do not reach it). On the
 mean-pooled, LayerNorm'd features of the eval-transform `probe_train` images (the k-NN's):
 
 - effective_rank: exp of the entropy of the PCA spectrum (1 = one direction; collapse);
 - mean_cosine: mean cosine similarity between different images (1 = all alike);
-- pooled_std: `train.pooled_std`, the training monitor, on these features;
+- pooled_std: `evaluators.metrics.pooled_std`, the training monitor, on these features;
 - logistic regression (scikit-learn, L2, to convergence) trained on `labels_per_class`
   examples per class (the probes' subset) and scored on test, on the raw features and on
   features standardised per dimension with the training subset's mean and std.
@@ -56,20 +57,22 @@ def logistic_accuracy(train_x, train_y, test_x, test_y, standardise: bool) -> fl
 
 
 def feature_stats(
-    workdir: str, encoder: str = "context", step: int | None = None, labels_per_class: int = 10
+    workdir: str, encoder: str | None = None, step: int | None = None, labels_per_class: int = 10
 ) -> dict:
-    """The module docstring's numbers for one encoder of a run (see `probe.load_backbone`)."""
-    from scott_jax import probe, train
+    """The module docstring's numbers for one encoder of a run (see `load_backbone`)."""
     from scott_jax.data import eval_batches, load_source
+    from scott_jax.evaluators.backbone import load_backbone
+    from scott_jax.evaluators.features import extract_features
+    from scott_jax.evaluators.metrics import pooled_std
 
-    backbone = probe.load_backbone(workdir, encoder=encoder, step=step)
+    backbone = load_backbone(workdir, encoder=encoder, step=step)
     name = backbone.train_config["data"]["name"]
     data_dir = backbone.train_config["data"].get("data_dir")
     batch_size, img_size = backbone.train_config["batch_size"], backbone.encoder.img_size
 
     def features(source):
         batches = eval_batches(source, batch_size=batch_size, img_size=img_size)
-        x, y = probe.extract_features(backbone.encoder, backbone.params, batches)
+        x, y = extract_features(backbone.encoder, backbone.params, batches)
         return np.asarray(x, np.float32), np.asarray(y)
 
     pooled, _ = features(load_source(name, "probe_train", data_dir=data_dir))
@@ -84,7 +87,7 @@ def feature_stats(
         "step": backbone.step,
         "effective_rank": effective_rank(pooled),
         "mean_cosine": mean_cosine(pooled),
-        "pooled_std": float(train.pooled_std(pooled[:, None, :])),
+        "pooled_std": float(pooled_std(pooled[:, None, :])),
         "labels_per_class": labels_per_class,
         "logreg_top1": logistic_accuracy(train_x, train_y, test_x, test_y, standardise=False),
         "logreg_standardised_top1": logistic_accuracy(
@@ -96,7 +99,9 @@ def feature_stats(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a launch.py pretraining run")
-    parser.add_argument("--encoder", default="context", help="context, target or random")
+    parser.add_argument(
+        "--encoder", default=None, help="the method's default, context, target or random"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     parser.add_argument("--labels-per-class", type=int, default=10)
     args = parser.parse_args()

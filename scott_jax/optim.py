@@ -6,11 +6,13 @@ optax calls a schedule with its 0-based update `count`, so every schedule here r
 value for k = count + 1. All schedules are pure functions of the step (no state to
 fast-forward on resume), traceable under `jax.jit`, and return float32.
 
-The train loop logs and uses the values of one step through `schedule_values`, which builds
-the same schedules that `make_optimizer` puts into the optax chain.
+`make(config.optim, lengths)` builds a run's optax transform and the same schedules for
+logging and the EMA; `run_lengths` is the one place where epochs become steps.
 """
 
 import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import chex
 import jax
@@ -181,52 +183,6 @@ def make_optimizer(
     )
 
 
-def config_kwargs(optim_config, *, total_steps: int, warmup_steps: int) -> dict:
-    """`make_optimizer` arguments from a config's `optim` block (configs/common.py names)."""
-    o = optim_config
-    return dict(
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        lr_start=o.lr_start,
-        lr_peak=o.lr_peak,
-        lr_final=o.lr_final,
-        flat_pctg=o.lr_flat_pctg,
-        wd_start=o.wd_start,
-        wd_final=o.wd_final,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-    )
-
-
-def schedule_values(
-    count: chex.Numeric,
-    *,
-    total_steps: int,
-    warmup_steps: int,
-    lr_start: float,
-    lr_peak: float,
-    lr_final: float,
-    flat_pctg: float,
-    wd_start: float,
-    wd_final: float,
-    ema_start: float,
-    ema_final: float,
-    ema_kind: str = "linear",
-    wd_kind: str = "linear",
-) -> dict[str, jax.Array]:
-    """LR, WD and EMA momentum used by the update with optax count `count` (step count + 1).
-
-    The train step calls it with the number of updates already done: `lr` and `wd` are the
-    values `make_optimizer` applies in that update (for logging) and `ema` is the momentum
-    for the EMA update that follows it. Takes the schedule arguments of `make_optimizer`.
-    """
-    lr = lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
-    wd = wd_schedule(total_steps, wd_start, wd_final, wd_kind)
-    ema = ema_schedule(total_steps, ema_start, ema_final, ema_kind)
-    return {"lr": lr(count), "wd": wd(count), "ema": ema(count)}
-
-
 def ema_update(
     target_params: chex.ArrayTree, online_params: chex.ArrayTree, momentum: chex.Numeric
 ) -> chex.ArrayTree:
@@ -239,3 +195,99 @@ def ema_update(
         target_params,
         online_params,
     )
+
+
+# --------------------------------------------------------------------------- run lengths
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch, ⌊num_examples / batch_size⌋ (drop_last, as the official
+    loaders); an error when not even one batch fits."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the dataset ({num_examples} examples): "
+            "with drop_last an epoch has no full batch"
+        )
+    return steps
+
+
+class RunLengths(NamedTuple):
+    """A run's durations in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def run_lengths(
+    num_examples: int, batch_size: int, num_epochs: float, warmup_epochs: float
+) -> RunLengths:
+    """Epochs -> steps, the one place it happens: T = int(epochs · ipe), W = int(warmup · ipe)
+    with ipe = `steps_per_epoch` (fractional epochs allowed, truncated like the reference)."""
+    if not 0 <= warmup_epochs <= num_epochs:
+        raise ValueError(
+            f"config.optim.lr_warmup_epochs={warmup_epochs} must lie in "
+            f"[0, config.num_epochs={num_epochs}]"
+        )
+    ipe = steps_per_epoch(num_examples, batch_size)
+    total = int(num_epochs * ipe)
+    if total < 1:
+        raise ValueError(f"num_epochs={num_epochs} gives no optimizer step ({ipe} per epoch)")
+    return RunLengths(ipe, total, int(warmup_epochs * ipe))
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+class Optimizer(NamedTuple):
+    """The optax transform of a run and `schedules(count) -> {'lr', 'wd'[, 'ema']}`, the
+    values that the update with optax count `count` uses (for logging and the EMA)."""
+
+    tx: optax.GradientTransformation
+    schedules: Callable[[chex.Numeric], dict[str, jax.Array]]
+
+
+def make(
+    optim_config: Mapping,
+    lengths: RunLengths,
+    *,
+    wd_kind: str = "linear",
+    ema_kind: str | None = None,
+) -> Optimizer:
+    """AdamW and its schedules from a config's `optim` block and the run's lengths.
+
+    `optim_config` has lr_start / lr_peak / lr_final / lr_flat_pctg, wd_start / wd_final, b1,
+    b2, eps and, when `ema_kind` is given, ema_start / ema_final (configs/common.py names).
+    Unknown schedule kinds fail here, before anything is compiled.
+    """
+    o = optim_config
+    kwargs = dict(
+        total_steps=lengths.total_steps,
+        warmup_steps=lengths.warmup_steps,
+        lr_start=o["lr_start"],
+        lr_peak=o["lr_peak"],
+        lr_final=o["lr_final"],
+        flat_pctg=o["lr_flat_pctg"],
+        wd_start=o["wd_start"],
+        wd_final=o["wd_final"],
+    )
+    tx = make_optimizer(**kwargs, b1=o["b1"], b2=o["b2"], eps=o["eps"], wd_kind=wd_kind)
+    schedules = {
+        "lr": lr_schedule(
+            lengths.total_steps,
+            lengths.warmup_steps,
+            o["lr_start"],
+            o["lr_peak"],
+            o["lr_final"],
+            o["lr_flat_pctg"],
+        ),
+        "wd": wd_schedule(lengths.total_steps, o["wd_start"], o["wd_final"], wd_kind),
+    }
+    if ema_kind is not None:
+        schedules["ema"] = ema_schedule(
+            lengths.total_steps, o["ema_start"], o["ema_final"], ema_kind
+        )
+    return Optimizer(tx, lambda count: {name: f(count) for name, f in schedules.items()})

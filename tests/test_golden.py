@@ -8,6 +8,7 @@ import pytest
 from golden import CONFIGS, NUM_STEPS, checksum, golden_config
 
 from scott_jax.checkpoint import load_state_tree
+from scott_jax.loop import train_and_evaluate
 from scott_jax.writers import read_metrics
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "golden.json").read_text())
@@ -16,12 +17,7 @@ GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "golden.json").read_te
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_golden_run_is_reproduced_exactly(name, tmp_path):
-    config = golden_config(name)
-    if config.method == "supervised":
-        from scott_jax.supervised import train_and_evaluate
-    else:
-        from scott_jax.train import train_and_evaluate
-    train_and_evaluate(config, tmp_path, stop_at_step=NUM_STEPS)
+    train_and_evaluate(golden_config(name), tmp_path, stop_at_step=NUM_STEPS)
     expected = GOLDEN[name]
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
     assert losses == expected["loss"]

@@ -1,9 +1,9 @@
 """Model library: SCOTT / ViT encoders, the MIM-JEPA predictor and the named variants.
 
-`build_encoder('scott-12/16', img_size=224)` and `build_predictor('scott-12/16', 224)` give
-the paper's models with the reference's regularisation defaults (SPEC §3.6); any field can
-be overridden by keyword. `encoder_from_config` builds a run's encoder for either method:
-the MIM-JEPA `Encoder`, or for `method='ijepa'` the I-JEPA `ijepa.Encoder` (SPEC §9).
+`build_encoder('scott-12/16', img_size=224)` and `build_predictor(encoder)` give the paper's
+models with the official config's regularisation defaults (paper Table 4, official
+`configs/ssl/scott.yaml`); any field can be overridden by keyword. `models.ijepa` holds the
+I-JEPA encoder and predictor. The model package never reads which method a run uses.
 """
 
 from collections.abc import Mapping
@@ -27,7 +27,7 @@ DEFAULTS = dict(
     num_register_tokens=0,
 )
 
-#: Named variants (SPEC §3.6). Heads follow the paper's Table 4 (4 up to depth 9, 6 at
+#: Named variants (paper Table 4). Heads follow the paper's Table 4 (4 up to depth 9, 6 at
 #: depth 12); NOTE(deviation): the reference yaml uses 4 heads for SCOTT-12/16, which
 #: `num_heads=4` restores. Parameter counts do not depend on the number of heads.
 VARIANTS = {
@@ -61,41 +61,24 @@ def build_encoder(variant: str, img_size: int, **overrides) -> Encoder:
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-#: The `model.*` fields the I-JEPA encoder takes; its blocks have a GELU MLP, no dropout
-#: and no registers, so `ffn_layer`, `dropout_rate`, `attention_dropout`,
-#: `stochastic_depth_rate` and `num_register_tokens` apply to MIM-JEPA only.
-IJEPA_MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "conv_impl")
+def resolve_dtype(name: str):
+    """The jnp dtype of a `config.compute_dtype` name; ValueError for an unknown one."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {name!r}; expected one of {list(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 def encoder_from_config(config: Mapping, compute_dtype: str | None = None) -> Encoder:
-    """The encoder of a run config (ConfigDict or its saved dict): `variant`, `img_size`,
-    the non-None `model.*` overrides and `compute_dtype` (overridden by `compute_dtype`).
-
-    With `method='ijepa'` it is the I-JEPA encoder (`ijepa.Encoder`): the variant's
-    tokenizer, depth and heads, the `IJEPA_MODEL_FIELDS` overrides, and `ijepa.drop_path_rate`
-    / `ijepa.depth_rescale_init`. Called with images only, both give [B, N, D] features.
-    """
-    dtype = compute_dtype or config.get("compute_dtype", "float32")
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute_dtype {dtype!r}; expected one of {list(COMPUTE_DTYPES)}")
+    """The SCOTT / ViT `Encoder` of a config (ConfigDict or its saved dict): `variant`,
+    `img_size`, the non-None `model.*` overrides and `compute_dtype` (or the argument)."""
+    dtype = resolve_dtype(compute_dtype or config.get("compute_dtype", "float32"))
     overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
-    if config.get("method", "mim_jepa") != "ijepa":
-        return build_encoder(
-            config["variant"], config["img_size"], dtype=COMPUTE_DTYPES[dtype], **overrides
-        )
-    kwargs = encoder_kwargs(config["variant"], config["img_size"])
-    kwargs.update({k: v for k, v in overrides.items() if k in IJEPA_MODEL_FIELDS})
-    patch_grid(config["img_size"], kwargs["patch_size"])
-    return ijepa.Encoder(
-        **{k: kwargs[k] for k in ("tokenizer", "img_size", *IJEPA_MODEL_FIELDS) if k in kwargs},
-        drop_path_rate=config["ijepa"]["drop_path_rate"],
-        depth_rescale_init=config["ijepa"]["depth_rescale_init"],
-        dtype=COMPUTE_DTYPES[dtype],
-    )
+    return build_encoder(config["variant"], config["img_size"], dtype=dtype, **overrides)
 
 
 def build_predictor(encoder: Encoder, depth: int = 3, **overrides) -> Predictor:
-    """The predictor that matches `encoder` (same width, heads, FFN, regularisation; SPEC §4)."""
+    """The predictor that matches `encoder` (same width, heads, FFN, regularisation; official
+    `src/models/predictor.py`)."""
     kwargs = dict(
         grid_size=encoder.grid_size,
         num_heads=encoder.num_heads,
@@ -123,6 +106,8 @@ __all__ = [
     "Predictor",
     "build_encoder",
     "build_predictor",
+    "encoder_from_config",
     "encoder_kwargs",
     "ijepa",
+    "resolve_dtype",
 ]

@@ -1,41 +1,86 @@
-"""I-JEPA (SPEC §9) as a method of the train loop: models, state, step and mask stream.
-
-`config.method = 'ijepa'` makes `scott_jax.train.build_trainer` return `build_trainer`'s
-Trainer; the loop, checkpoints, metrics, multi-device sharding and the probe script are
-the ones MIM-JEPA uses. The state is the same `TrainState`: params {'context_encoder',
-'predictor'}, the EMA `target_params` (the encoder's tree) and the optimizer state, so
-`probe.py` loads either encoder of an I-JEPA run as it does for MIM-JEPA.
-
-One step (SPEC §9.4): the target encoder sees the whole image; its output (with its own
-final LN) is layer-normalised without affine parameters and gathered at each target
-block. The context encoder sees only the context tokens, and the predictor predicts each
-block from them. Smooth-L1 (or L2) over the valid target tokens, AdamW, then the EMA.
-Both encoders see the same image: the data stream's 'context' view (its 'target' view is
-dropped; with `data.aug='none'` the two are identical anyway).
+"""I-JEPA (Assran et al. 2023) as a method of the loop: the target encoder sees the whole
+image; its LayerNorm'd output gathered at each of the multi-block targets is predicted, by a
+narrow predictor, from the context encoder's features of the context block. Smooth-L1 (or
+L2), AdamW, EMA. Official code: facebookresearch/ijepa `src/train.py`. Both encoders see the
+data stream's 'context' view (with `data.aug='none'` the two views are the same crop).
 """
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from scott_jax import objectives, optim, train
+from scott_jax import objectives, optim
+from scott_jax.evaluators.metrics import pooled_std
 from scott_jax.masking_multiblock import MultiBlockSpec, check_spec, multiblock_masks
-from scott_jax.models import encoder_from_config
+from scott_jax.methods.base import (
+    OnlineProbe,
+    Trainer,
+    TrainState,
+    jit_trainer,
+    online_knn,
+    online_probe,
+    pretrain_source,
+)
+from scott_jax.models import encoder_kwargs, resolve_dtype
 from scott_jax.models.ijepa import Encoder, Predictor
+from scott_jax.models.tokenizers import patch_grid
 from scott_jax.models.transformer import gather_tokens
 
+NAME = "ijepa"
+#: Evaluation encoders: name -> path in the train state (the first is probe.py's default).
+ENCODERS = {"context": ("params", "context_encoder"), "target": ("target_params",)}
 MASK_KEYS = ("context_idx", "context_valid", "target_idx", "target_valid")
+#: The `model.*` fields the I-JEPA encoder takes; its blocks have a GELU MLP, no dropout
+#: and no registers, so `ffn_layer`, `dropout_rate`, `attention_dropout`,
+#: `stochastic_depth_rate` and `num_register_tokens` do not apply.
+MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "conv_impl")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """I-JEPA's own fields, before any data is read or anything compiled."""
+    if config.data.color_on_device:
+        raise ValueError(
+            "config.data.color_on_device is for MIM-JEPA's two views; I-JEPA reads one view "
+            "(the recipe has no colour augmentation): set it to False"
+        )
+    if config.ijepa.loss not in objectives.IJEPA_LOSSES:
+        raise ValueError(
+            f"unknown config.ijepa.loss {config.ijepa.loss!r}; expected one of "
+            f"{objectives.IJEPA_LOSSES}"
+        )
+    for name, kinds in (("wd_schedule", optim.WD_KINDS), ("ema_schedule", optim.EMA_KINDS)):
+        if config.ijepa[name] not in kinds:
+            raise ValueError(
+                f"unknown config.ijepa.{name} {config.ijepa[name]!r}; expected one of {kinds}"
+            )
+
+
+def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:
+    """The I-JEPA encoder of a run config (ConfigDict or its saved dict): the variant's
+    tokenizer, depth and heads, the `MODEL_FIELDS` overrides of `model.*`, and
+    `ijepa.drop_path_rate` / `ijepa.depth_rescale_init`."""
+    dtype = resolve_dtype(compute_dtype or config.get("compute_dtype", "float32"))
+    overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
+    kwargs = encoder_kwargs(config["variant"], config["img_size"])
+    kwargs.update({k: v for k, v in overrides.items() if k in MODEL_FIELDS})
+    patch_grid(config["img_size"], kwargs["patch_size"])
+    return Encoder(
+        **{k: kwargs[k] for k in ("tokenizer", "img_size", *MODEL_FIELDS) if k in kwargs},
+        drop_path_rate=config["ijepa"]["drop_path_rate"],
+        depth_rescale_init=config["ijepa"]["depth_rescale_init"],
+        dtype=dtype,
+    )
 
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[Encoder, Predictor]:
-    """(encoder, predictor): the encoder of `encoder_from_config`, the predictor from
-    `config.ijepa` (width `predictor_dim`, `predictor_depth` blocks, `predictor_heads` or
-    the encoder's heads, the encoder's MLP ratio, as the paper)."""
-    encoder = encoder_from_config(config)
+    """(encoder, predictor): the predictor from `config.ijepa` (width `predictor_dim`,
+    `predictor_depth` blocks, `predictor_heads` or the encoder's heads, the encoder's MLP
+    ratio, as the paper)."""
+    encoder = build_encoder(config)
     c = config.ijepa
     heads = c.predictor_heads or encoder.num_heads
     if c.predictor_dim % heads or c.predictor_dim % 4:
@@ -56,8 +101,15 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[Encoder, Predictor]
     return encoder, predictor
 
 
-def create_train_state(rng, *, config, encoder, predictor, spec, tx, probe=None, probe_tx=None):
-    """Fresh state: target encoder = copy of the context encoder (SPEC §9.4)."""
+def train_source(config: ml_collections.ConfigDict):
+    return pretrain_source(config)
+
+
+# --------------------------------------------------------------------------- state and step
+
+
+def create_train_state(rng, *, config, encoder, predictor, spec, tx, probe: OnlineProbe | None):
+    """Fresh state: the target encoder starts as a copy of the context encoder."""
     encoder_rng, predictor_rng, probe_rng = jax.random.split(rng, 3)
     images = jnp.zeros((1, config.img_size, config.img_size, 3), jnp.float32)
     context_params = encoder.init(encoder_rng, images)["params"]
@@ -70,32 +122,28 @@ def create_train_state(rng, *, config, encoder, predictor, spec, tx, probe=None,
             "params"
         ],
     }
-    probe_state = None
-    if probe is not None:
-        features = jnp.zeros((1, encoder.num_patches, encoder.embed_dim), jnp.float32)
-        probe_params = probe.init(probe_rng, features)["params"]
-        probe_state = {"params": probe_params, "opt_state": probe_tx.init(probe_params)}
-    return train.TrainState(
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         target_params=jax.tree.map(jnp.copy, context_params),
         opt_state=tx.init(params),
-        probe=probe_state,
+        probe=None
+        if probe is None
+        else probe.init(probe_rng, encoder.num_patches, encoder.embed_dim),
     )
 
 
 def train_step(
-    state: train.TrainState,
+    state: TrainState,
     batch: dict,
     *,
     encoder: Encoder,
     predictor: Predictor,
-    tx,
+    tx: optax.GradientTransformation,
     schedules,
     seed: int,
     loss: str = "smooth_l1",
-    probe=None,
-    probe_tx=None,
+    probe: OnlineProbe | None = None,
 ):
     """One I-JEPA update; returns (new state, metrics of this step).
 
@@ -145,14 +193,14 @@ def train_step(
         "grad_norm/tokenizer": optax.tree.norm(grads["context_encoder"]["tokenizer"]),
         "grad_norm/transformer": optax.tree.norm(grads["context_encoder"]["transformer"]),
         "grad_norm/predictor": optax.tree.norm(grads["predictor"]),
-        "target_std": train.pooled_std(features),
+        "target_std": pooled_std(features),
         "context_tokens": context_valid.sum(-1).mean(dtype=jnp.float32),
         "target_tokens": target_valid[:, 0].sum(-1).mean(dtype=jnp.float32),
     }
     probe_state = state.probe
     if probe is not None:
-        probe_state, probe_metrics = train._probe_update(
-            state.probe, features, batch["label"], probe, probe_tx, jax.random.fold_in(rng, 1)
+        probe_state, probe_metrics = probe.update(
+            state.probe, features, batch["label"], jax.random.fold_in(rng, 1)
         )
         metrics.update(probe_metrics)
     new_state = state.replace(
@@ -163,6 +211,9 @@ def train_step(
         probe=probe_state,
     )
     return new_state, metrics
+
+
+# --------------------------------------------------------------------------- input and trainer
 
 
 def masked_batches(
@@ -178,59 +229,42 @@ def masked_batches(
 
 
 def build_trainer(
-    config: ml_collections.ConfigDict,
-    lengths: dict[str, int],
-    mesh: jax.sharding.Mesh,
-    *,
-    num_classes: int | None = None,
-) -> train.Trainer:
-    """I-JEPA's `train.Trainer`: the `config.ijepa` WD and EMA schedules, static mask shapes."""
-    if config.data.color_on_device:
-        raise ValueError(
-            "config.data.color_on_device is for MIM-JEPA's two views; I-JEPA reads one view "
-            "(the recipe has no colour augmentation): set it to False"
-        )
+    config: ml_collections.ConfigDict, lengths: optim.RunLengths, mesh: jax.sharding.Mesh, source
+) -> Trainer:
+    """Models, AdamW with the `config.ijepa` WD and EMA schedules, static mask shapes, the
+    online probe and k-NN, jitted over `mesh`."""
     encoder, predictor = build_models(config)
     spec = MultiBlockSpec.from_config(config, encoder.grid_size)
     check_spec(spec)  # fail here, not in the input thread
-    if config.ijepa.loss not in objectives.IJEPA_LOSSES:
-        raise ValueError(
-            f"unknown config.ijepa.loss {config.ijepa.loss!r}; expected one of "
-            f"{objectives.IJEPA_LOSSES}"
-        )
-    opt_kwargs = {**train.optimizer_kwargs(config, lengths), "wd_kind": config.ijepa.wd_schedule}
-    tx = optim.make_optimizer(**opt_kwargs)
-    probe, probe_tx = train.make_probe(num_classes, opt_kwargs)
-    schedules = train.make_schedules(
-        {k: v for k, v in opt_kwargs.items() if k != "wd_kind"},
-        config,
-        ema_kind=config.ijepa.ema_schedule,
+    optimizer = optim.make(
+        config.optim,
+        lengths,
         wd_kind=config.ijepa.wd_schedule,
+        ema_kind=config.ijepa.ema_schedule,
     )
-    schedules(0)  # unknown schedule kinds fail here, with the optim module's message
+    probe = online_probe(config, source, optimizer)
     init = functools.partial(
         create_train_state,
         config=config,
         encoder=encoder,
         predictor=predictor,
         spec=spec,
-        tx=tx,
+        tx=optimizer.tx,
         probe=probe,
-        probe_tx=probe_tx,
     )
     step = functools.partial(
         train_step,
         encoder=encoder,
         predictor=predictor,
-        tx=tx,
-        schedules=schedules,
+        tx=optimizer.tx,
+        schedules=optimizer.schedules,
         seed=config.seed,
         loss=config.ijepa.loss,
         probe=probe,
-        probe_tx=probe_tx,
     )
 
     def add_masks(batches: Iterator[dict], start_step: int) -> Iterator[dict]:
         return masked_batches(batches, spec, config.seed, start_step)
 
-    return train.jit_trainer(mesh, init, step, encoder.grid_size, add_masks)
+    evaluators = online_knn(config, encoder, ENCODERS, lengths, mesh)
+    return jit_trainer(mesh, init, step, add_masks=add_masks, evaluators=evaluators)

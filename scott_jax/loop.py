@@ -1,0 +1,204 @@
+"""The one training loop, for every method: data stream -> jitted step -> metrics ->
+checkpoints, pre-emption, periodic evaluators, exact resume.
+
+`train_and_evaluate(config, workdir)` reads `config.method` once (`methods.get`), streams the
+method's source through the method's host-side masks into its jitted step on a ('data',)
+mesh (batch sharded, state replicated), and resumes from the latest checkpoint in `workdir`.
+Batches, masks and randomness are pure functions of (seed, step), so a resumed run repeats
+an uninterrupted one exactly. Metrics go to WORKDIR/metrics.jsonl and TensorBoard.
+"""
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from scott_jax import methods, optim
+from scott_jax.checkpoint import Checkpointer, preemption_guard
+from scott_jax.sharding import make_mesh, to_global
+from scott_jax.writers import MetricWriter, log_progress
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(NamedTuple):
+    """What `train_and_evaluate` returns: the final state, and the method's results when it
+    has any and the run finished (the supervised baseline's scores), else None."""
+
+    state: Any
+    results: dict | None
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+    """Runs `iterator` in a background thread so host work (masks, tf.data) overlaps the step."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterator:
+                if not put(item):
+                    return
+        except Exception as e:  # re-raised in the consumer, with its traceback
+            put(e)
+        put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer is gone (closed or failed): let the producer end
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stop_at_step: int | None = None,
+) -> Outcome:
+    """Trains `config.method`, resuming from the latest checkpoint in `workdir` if any.
+
+    stop_at_step: end this run (with a checkpoint) after that many total steps, as a
+    preemption would; re-running the same call continues from there.
+    """
+    from scott_jax.data import pretrain_batches  # TensorFlow only where data is read
+
+    method = methods.get(config.get("method"))
+    method.check_config(config)
+    workdir = os.fspath(workdir)
+    source = method.train_source(config)
+    lengths = optim.run_lengths(
+        source.num_examples, config.batch_size, config.num_epochs, config.optim.lr_warmup_epochs
+    )
+    mesh = make_mesh()
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
+    trainer = method.build_trainer(config, lengths, mesh, source)
+    total_steps = lengths.total_steps
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        save_interval_steps=config.checkpoint_every_steps,
+    )
+    rng = jax.random.key(config.seed)
+    if checkpointer.latest_step() is None:
+        state = trainer.init(rng)
+        log.info(
+            "%s from scratch on %d %s examples: %d steps (%d per epoch).",
+            method.NAME,
+            source.num_examples,
+            config.data.name,
+            total_steps,
+            lengths.steps_per_epoch,
+        )
+    else:
+        state = checkpointer.restore(jax.eval_shape(trainer.init, rng))
+        log.info("Resumed from step %d of %d.", int(state.step), total_steps)
+    start_step = int(state.step)
+
+    local_batches = pretrain_batches(
+        source,
+        batch_size=config.batch_size,
+        img_size=config.img_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        crop_scale=tuple(config.data.crop_scale),
+        aug=config.data.aug,
+        color_on_device=config.data.color_on_device,
+    )
+    batches = prefetch(trainer.add_masks(local_batches, start_step))
+    writer = MetricWriter(workdir) if jax.process_index() == 0 else None
+    if writer is not None:
+        writer.write(start_step, {"data/skipped_files": len(source.skipped_files)})
+    last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    pending: list[tuple[int, dict]] = []
+    last_saved = start_step if checkpointer.latest_step() is not None else None
+    timer = (time.perf_counter(), start_step)
+
+    def flush(step: int) -> None:
+        """Fetches the metrics of the steps since the last flush; a non-finite loss stops."""
+        nonlocal pending, timer
+        if not pending:
+            return
+        rows = jax.device_get([m for _, m in pending])
+        for (s, _), row in zip(pending, rows, strict=True):
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(
+                    f"the loss became {row['loss']} at step {s}; stopping without saving. The "
+                    f"last good checkpoint is step {last_saved} in {workdir}/checkpoints. Try a "
+                    f"lower config.optim.lr_peak or config.compute_dtype='float32'."
+                )
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+        now = time.perf_counter()
+        images_per_sec = (step - timer[1]) * config.batch_size / max(now - timer[0], 1e-9)
+        seconds_left = (last_step - step) * config.batch_size / max(images_per_sec, 1e-9)
+        mean["images_per_sec"] = images_per_sec
+        if writer is not None:
+            writer.write(step, mean)
+        log_progress(
+            step,
+            total_steps,
+            images_per_sec,
+            seconds_left,
+            {k: mean[k] for k in trainer.progress_keys},
+        )
+        pending, timer = [], (now, step)
+
+    def save(step: int, force: bool) -> None:
+        nonlocal last_saved
+        flush(step)  # never checkpoint a state whose loss went non-finite
+        if checkpointer.save(step, state, config.to_dict(), force=force):
+            last_saved = step
+
+    try:
+        with preemption_guard() as guard:
+            step = start_step
+            while step < last_step:
+                batch = to_global(next(batches), trainer.data_sharding)
+                state, metrics = trainer.step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                if step % config.log_every_steps == 0:
+                    flush(step)
+                for evaluator in trainer.evaluators:
+                    if step % evaluator.every_steps == 0 or step == total_steps:
+                        flush(step)  # the evaluation row comes after the step's loss row
+                        row = evaluator.run(state, step)
+                        if writer is not None:
+                            writer.write(step, row)
+                if checkpointer.should_save(step):
+                    save(step, force=False)
+                if guard.requested:
+                    log.warning("Stop requested at step %d: saving a checkpoint.", step)
+                    break
+            if last_saved != step:
+                save(step, force=True)
+            flush(step)
+    finally:  # also on errors: finish the saves already started, release the input thread
+        batches.close()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    finished = step == total_steps and trainer.finish is not None
+    return Outcome(state, trainer.finish(workdir, step) if finished else None)
