@@ -1,4 +1,4 @@
-"""Keep-mask generation throughput on one CPU core (scott_jax/masking.py, SPEC §5).
+"""Keep-mask generation throughput on one CPU core (scott_jax/masking.py).
 
 Masks are drawn on the host for every training batch, so they must cost far less than
 a training step. Prints one JSON line: wall-clock figures, and the same from process CPU

@@ -5,17 +5,14 @@
 
 The official modules (`src.models.get_model`, `src.models.predictor.Predictor`,
 `src.optimizer.get_optimizer`, `src.masks.mask_generator.MaskGenerator`,
-`src.schedulers.LinearScheduler`) are imported from --reference-dir at run time; none of
-its code lives in this repository. The timed step is the reference loop's MIM-JEPA part:
-target forward (no grad) + LayerNorm, masked context forward, predictor, masked smooth-L1
-loss, backward, AdamW (scheduled LR / WD), EMA of the context encoder into the target.
-Masks are drawn once outside the loop (as in bench_train.py: no input work is timed).
-The online probe and logging of the reference loop are left out on both sides.
+`src.schedulers.LinearScheduler`) are imported from --reference-dir at run time. The timed
+step is the reference loop's MIM-JEPA part (target forward + LayerNorm, masked context
+forward, predictor, loss, backward, scheduled AdamW, EMA); masks are drawn outside the loop
+and the online probe is left out, as in bench_train.py.
 
-Prints one JSON line with the keys of bench_train.py that apply to eager PyTorch:
-sec_per_step (median), step_times (each timed step), images_per_sec, compile_sec (0:
-nothing is compiled), flops_per_step (torch's FlopCounterMode over one warm-up step),
-achieved_tflops, peak_rss_gb (the process's peak resident memory), threads.
+Prints one JSON line with bench_train.py's keys that apply to eager PyTorch: sec_per_step
+(median), step_times, images_per_sec, compile_sec (0), flops_per_step (FlopCounterMode over a
+warm-up step), achieved_tflops, peak_rss_gb, threads.
 """
 
 import argparse
@@ -56,7 +53,7 @@ def reference_config(variant: str) -> dict:
 
 
 def masked_smooth_l1(torch, predicted, targets, keep_mask):
-    """The MIM-JEPA loss (SPEC §6.3): smooth-L1 (beta 1) on masked patches only.
+    """The MIM-JEPA loss (`ReconstructionLoss`): smooth-L1 (beta 1) on masked patches only.
 
     predicted, targets [B, N, D]; keep_mask [B, N] (1 = visible). Per image: channel-mean
     of the loss summed over masked patches, divided by the number of masked patches.

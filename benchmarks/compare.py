@@ -4,18 +4,13 @@
         --img-size 224 --batch 8 --rounds 2 --steps 3 --warmup 2
 
 Runs bench_train.py (ours) and bench_reference.py (official) as subprocesses, alternating
-A B A B ... for --rounds rounds, so that a change in machine load hits both sides alike.
-Each side's step times are pooled over the rounds. Prints one JSON line: ours_sec_per_step
-and official_sec_per_step (medians of the pooled step times), ratio = ours / official
-(< 1: ours is faster; the issue's target is <= 0.7), speedup = official / ours, each
-side's images_per_sec, flops_per_step and compile_sec, and the 1-minute load average
-before and after (other processes on the machine skew both sides, PyTorch's OpenMP
-threads more than XLA's when cores are oversubscribed).
-
-It also runs bench_gemm.py once: `gemm_gflops` is the faster framework's rate on the
-step's main matmuls, `ours_floor_sec` / `official_floor_sec` = flops_per_step /
-gemm_gflops (each step's time if every FLOP ran at that rate), and `floor_ratio` =
-ours_floor_sec / official_sec_per_step, the lowest ratio our FLOPs allow on this machine.
+A B A B ... for --rounds rounds so that machine load hits both sides alike, and pools each
+side's step times. Prints one JSON line: ours_sec_per_step and official_sec_per_step
+(medians), ratio = ours / official (< 1: ours is faster; the target is <= 0.7), speedup,
+each side's images_per_sec, flops_per_step and compile_sec, and the 1-minute load average
+before and after. It also runs bench_gemm.py once: `gemm_gflops` is the faster framework's
+rate on the step's main matmuls, `*_floor_sec` = flops_per_step / gemm_gflops, and
+`floor_ratio` = ours_floor_sec / official_sec_per_step, the lowest ratio our FLOPs allow.
 """
 
 import argparse

@@ -3,20 +3,15 @@
     python benchmarks/profile_step.py --variant scott-12/16 --img-size 224 --batch 8
 
 Compiles the step of bench_train.py (same flags), runs --warmup steps, then traces --steps
-steps with `jax.profiler.trace(create_perfetto_trace=True)`. Every XLA op the trace shows
-(CPU thunks, GPU kernels) is mapped through the compiled HLO's `op_name` metadata (the JAX
-name stack: flax module path, jvp/transpose) to a phase and a part:
-
-  phase: target (EMA encoder forward, no grad), forward (context encoder + predictor +
-         loss), backward, update (AdamW, EMA, metrics)
-  part:  tokenizer_conv, tokenizer_pool (ReLU, masks, MaxBlurPool), attention, ffn,
-         layernorm_other (LayerNorms, residuals, embeddings), dropout_rng (random bits of
-         dropout and drop-path), predictor (its blocks and head), loss, optimizer_ema
+steps (`jax.profiler.trace`). Every XLA op of the trace is mapped through the compiled HLO's
+`op_name` metadata (flax module path, jvp/transpose) to a phase (target, forward, backward,
+update) and a part (tokenizer_conv, tokenizer_pool, attention, ffn, layernorm_other,
+dropout_rng, predictor, loss, optimizer_ema).
 
 Prints one JSON line: wall sec_per_step, busy_sec (union of op intervals per step),
-host_sec (= wall - busy: dispatch and host work between ops), and the seconds and share
-of each part, phase and (phase, part), summed over op durations (ops can overlap on the
-CPU's threads, so shares are of the summed op time).
+host_sec (= wall - busy: dispatch and host work between ops), and the seconds and share of
+each part, phase and (phase, part), summed over op durations (ops can overlap on the CPU's
+threads, so shares are of the summed op time).
 """
 
 import collections

@@ -3,20 +3,16 @@
     python benchmarks/reference_pretrain.py --reference_dir /tmp/scott_ref \
         --config configs/digits.py --config.num_epochs=8 --out runs/reference_digits.jsonl
 
-A control experiment, not a benchmark of speed: when a run of `launch.py` behaves in a way
-that surprises (e.g. the collapse on digits, README "Evidence on digits"), this runs the same
-config with the *official* models, loss, AdamW groups, LR / WD / EMA schedulers and EMA
-update, imported from --reference_dir at run time (`bench_reference.py` builds them; none of
-the official code lives here). Only the inputs are ours: the same two-view batches
-(`pretrain_batches`) and keep-masks (`train.masked_batches`) as `launch.py` draws for the same
-config. So if the official code shows the same curves, the behaviour belongs to the method on
-this data, not to the reimplementation.
+A control experiment, not a speed benchmark: it runs a config with the *official* models,
+loss, AdamW groups, LR / WD / EMA schedulers and EMA update, imported from --reference_dir at
+run time (`bench_reference.py` builds them), on the same two-view batches and keep-masks that
+`launch.py` draws. If the official code shows the same curves, a surprising behaviour (e.g.
+the collapse on digits) belongs to the method on this data, not to the reimplementation.
 
-Writes one JSON line per `config.log_every_steps` to --out (and stdout) with the keys
-`launch.py` logs for the same quantities: step, loss, lr, wd, ema, target_std, context_std,
-and, every `config.knn_every_epochs` and at the end, knn/target_top1 and knn/context_top1
-(cosine k-NN, k=20, `scott_jax.probe.knn_accuracy`, on the pooled, LN'd features of the
-eval-transform probe_train and test images).
+Writes one JSON line per `config.log_every_steps` to --out (and stdout) with `launch.py`'s
+keys: step, loss, lr, wd, ema, target_std, context_std, and, every `config.knn_every_epochs`
+and at the end, knn/target_top1 and knn/context_top1 (cosine k-NN, k=20, on the pooled, LN'd
+eval-transform features of probe_train and test).
 """
 
 import json

@@ -4,54 +4,13 @@ Keeping orbax behind this small API means its version-specific quirks (async sav
 registries, sharding metadata) are handled and tested in one place, and the trainer and the
 probe never see them.
 
-Training (`Checkpointer`)::
+- `Checkpointer`: save every `save_interval_steps` (asynchronously) and at the end, keep the
+  newest `max_to_keep`, restore into a target's tree structure and shardings.
+- `load_state_tree` / `load_config`: read a checkpoint as numpy dicts without a target.
+- `preemption_guard`: turns SIGTERM / Ctrl-C into a flag the loop polls after each step.
 
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3, save_interval_steps=1000)
-    if ckpt.latest_step() is not None:            # re-running the same command resumes
-        state = ckpt.restore(abstract_state)      # ShapeDtypeStructs with shardings
-    with preemption_guard() as guard:             # SIGTERM / Ctrl-C -> guard.requested
-        for step in range(int(state.step) + 1, total_steps + 1):
-            state = train_step(state, batch)
-            ckpt.save(step, state, config.to_dict())   # no-op unless step % interval == 0
-            if guard.requested:
-                break
-        ckpt.save(int(state.step), state, config.to_dict(), force=True)  # end or preempted
-    ckpt.close()
-
-- `Checkpointer(directory, *, max_to_keep=3, save_interval_steps=1000)` creates `directory`
-  and keeps the `max_to_keep` newest steps (older ones are deleted once a newer one is
-  durable).
-- `should_save(step)` is `step % save_interval_steps == 0`.
-- `save(step, state, config, *, force=False) -> bool` writes the state pytree and the
-  JSON-able `config` dict when `force` or `should_save(step)`; it returns False (and writes
-  nothing) when the step is already saved, so the final forced save after an interval save of
-  the same step is harmless. Saves are asynchronous: device arrays are copied to host before
-  `save` returns, so the caller may donate or delete them right away; the files are written
-  in the background. `wait()` blocks until they are durable; `close()` waits too.
-- `restore(target, step=None)` returns the state of `step` (default: the latest) with the
-  tree structure of `target` (flax struct dataclasses and optax namedtuples included) and its
-  leaves placed with the target's shardings. `target` leaves are `jax.Array`s or
-  `jax.ShapeDtypeStruct`s with a `sharding` (restored as `jax.Array`s), or `np.ndarray`s
-  (restored as numpy). Shapes and dtypes must match the checkpoint exactly.
-- `restore_config(step=None) -> dict` returns the saved config (tuples come back as lists).
-- `latest_step() -> int | None`, `all_steps() -> list[int]`: finished checkpoints, plus the
-  step of an async save still in flight in this process (restore waits for it).
-- `load_state_tree(directory, step=None)` / `load_config(directory, step=None)` read a
-  checkpoint without a target and without creating anything, e.g. for the probe script to
-  take `tree["target_params"]` without rebuilding the optimizer: the state comes back as
-  nested dicts (dataclass and namedtuple fields become keys, tuples become lists, empty optax
-  states become None) of numpy arrays.
-- `preemption_guard(signals=(SIGTERM, SIGINT))` turns the first of these signals into a
-  flag (`guard.requested`, `guard.received`) that the loop polls after each step, so the
-  state it saves is never one a donated step left half-consumed; a second signal acts as
-  if unguarded (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates).
-
-Atomicity: orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it to
-`<step>` only when every file is written, so a save cut short by a crash is never listed
-nor restored; such leftovers are deleted when the next `Checkpointer` opens the directory.
-Missing checkpoints raise `FileNotFoundError` naming the directory and the steps that do
-exist; a target that does not match the checkpoint raises `ValueError` listing every
-mismatch. Nothing falls back silently.
+Saves are atomic (a save cut short is never listed nor restored) and every failure is loud
+(missing steps, mismatched targets). Usage and guarantees: docs/design.md#checkpoints.
 """
 
 from __future__ import annotations
@@ -160,8 +119,8 @@ def _remove_interrupted_saves(directory: pathlib.Path) -> None:
 class Checkpointer:
     """Saves and restores the training state (a pytree) and its config in one directory.
 
-    Wraps one `orbax.checkpoint.CheckpointManager`; see the module docstring for the
-    semantics of each method.
+    Wraps one `orbax.checkpoint.CheckpointManager`; the semantics of each method are in
+    docs/design.md#checkpoints.
     """
 
     def __init__(
@@ -202,7 +161,12 @@ class Checkpointer:
         return step % self.save_interval_steps == 0
 
     def save(self, step: int, state: Any, config: dict, *, force: bool = False) -> bool:
-        """Start saving `state` and `config` at `step`; True if a save was started."""
+        """Start saving `state` and `config` at `step`; True if a save was started.
+
+        Only when `force` or `should_save(step)`; a step already saved is skipped (False).
+        Asynchronous: device arrays are copied to the host before this returns, the files are
+        written in the background (`wait` blocks until they are durable).
+        """
         step = int(step)
         if not (force or self.should_save(step)):
             return False
@@ -235,7 +199,11 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """The state at `step` (default: latest), shaped and placed like `target`."""
+        """The state at `step` (default: latest), shaped and placed like `target`.
+
+        `target` leaves: `jax.Array`s or `jax.ShapeDtypeStruct`s with a sharding (restored as
+        `jax.Array`s) or `np.ndarray`s (restored as numpy); shapes and dtypes must match.
+        """
         self.wait()
         step = _resolve_step(self._manager, self.directory, step)
         metadata = self._manager.item_metadata(step)[_STATE]
@@ -246,7 +214,7 @@ class Checkpointer:
         return restored[_STATE]
 
     def restore_config(self, step: int | None = None) -> dict:
-        """The config saved with `step` (default: latest)."""
+        """The config saved with `step` (default: latest); tuples come back as lists."""
         self.wait()
         step = _resolve_step(self._manager, self.directory, step)
         restored = self._manager.restore(

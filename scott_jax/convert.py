@@ -5,9 +5,10 @@
                                 depth=12, num_heads=4, ffn_layer="swiglu")
     features = module.apply({"params": params}, images)          # [B, 196, 384]
 
-`arch` uses the reference config's names (`configs/ssl/scott.yaml`). Key layout of the
-official files is in SPEC §6.3: torch Linear weights are (out, in) and become Flax kernels
-(in, out); torch conv weights (O, I, kh, kw) become (kh, kw, I, O).
+`arch` uses the reference config's names (`configs/ssl/scott.yaml`). The official files'
+key layout is listed in docs/design.md#weight-conversion-and-parity: torch Linear weights are
+(out, in) and become Flax kernels (in, out); torch conv weights (O, I, kh, kw) become
+(kh, kw, I, O).
 """
 
 import os

@@ -1,21 +1,15 @@
-"""Keep-masks for MIM-JEPA: blockwise (BEiT-style) and uniform (SPEC §5).
+"""Keep-masks for MIM-JEPA: blockwise (BEiT-style) and uniform, drawn on the host.
 
 A keep-mask is a bool vector over the row-major patch grid (token n = r * grid + c);
-True = keep (visible, context), False = masked (a loss target), as in the reference.
+True = keep (visible, context), False = masked (a loss target), as in the official code
+(`src/masks/mask_generator.py`, `MaskGenerator`).
 
-Every mask keeps exactly ``num_kept(grid**2, ratio)`` patches (SPEC §5.1), so the
-context encoder always sees a static number of tokens inside jit (STYLE: static shapes).
-
-Masks are made on the host with numpy, not inside the jitted step: the blockwise
-sampler is a rejection loop with data-dependent control flow. ``keep_masks`` is a pure
-function of ``(seed, step, process_index)``, so a resumed run draws the masks the
-uninterrupted run drew without checkpointing any generator state, and every host of a
-multi-host run draws its own masks.
-
-Speed (``benchmarks/bench_masks.py``): the blockwise sampler keeps each mask as one
-Python int with a bit per patch. Counting the patches a candidate rectangle covers is
-then one ``&`` and one ``bit_count()``, far cheaper than numpy slicing, whose per-call
-overhead dominates on a 14x14 grid. Uniform numbers are drawn from numpy in chunks.
+Every mask keeps exactly ``num_kept(grid**2, ratio)`` patches, so the context encoder always
+sees a static number of tokens inside jit. Masks are made with numpy, not inside the jitted
+step (the blockwise sampler is a rejection loop with data-dependent control flow).
+``keep_masks`` is a pure function of ``(seed, step, process_index)``: a resumed run redraws
+the masks of the uninterrupted run and every host draws its own. The sampling rules, the
+reference's quirks and the bitset speed-up are explained in docs/design.md#masking.
 """
 
 import functools
@@ -27,7 +21,7 @@ import numpy as np
 
 MASK_TYPES = ("blockwise", "uniform")
 BLOCKS_ARE = ("kept", "masked")
-# The reference's blockwise parameters (SPEC §5.2).
+# The reference's blockwise parameters (official `src/masks/random_blockwise.py`, `_mask`).
 MIN_BLOCK_AREA = 16.0
 ASPECT_RANGE = (0.3, 3.3)
 MAX_ATTEMPTS = 10
@@ -38,7 +32,9 @@ _MASK_STREAM = 0x6D61736B  # "mask"
 
 
 def num_kept(num_patches: int, ratio: float) -> int:
-    """Number of kept (visible) patches, K = ceil((1 - ratio) * num_patches) (SPEC §5.1).
+    """Number of kept (visible) patches, K = ceil((1 - ratio) * num_patches).
+
+    As the official `get_random_blockwise_mask` / `get_random_uniform_mask` count it.
 
     ``ratio`` is the masked fraction. The reference rounds the kept count up in float64,
     so 0.6 of 196 keeps 79 (117 masked, 59.7 %) and 0.6 of 16 keeps 7; products that are
@@ -56,7 +52,7 @@ def num_kept(num_patches: int, ratio: float) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Blockwise sampler (SPEC §5.2)
+# Blockwise sampler (official `src/masks/random_blockwise.py`; docs/design.md#masking)
 
 
 class _BlockPlan(NamedTuple):
@@ -163,15 +159,15 @@ def _blockwise_bits(
     Returns one int per mask whose bit r * grid + c is patch (r, c). If ``blocks`` is a
     list, one list of the accepted (top, left, h, w) per mask is appended to it.
 
-    SPEC §5.2. Outer loop: while fewer than ``budget`` patches are set, try to add a block
-    with the missing count P as the limit. A call makes up to ``max_attempts`` attempts and
-    stops at the first accepted block: area ~ U(min_block_area, P) (which lies in
-    [P, min_block_area] when P is smaller), log aspect ~ U(log aspect_range), h and w the
-    half-to-even rounded sides sqrt(area * aspect) and sqrt(area / aspect), kept only if
-    h < grid and w < grid (strict, so a block spans at most grid - 1), top-left corner
-    uniform over all in-grid positions (inclusive, so the last row and column are
-    reachable), accepted iff it adds between 1 and P new patches. Overlaps are allowed,
-    so the last blocks fill the budget exactly.
+    The official `_mask` loop (docs/design.md#masking). Outer loop: while fewer than ``budget``
+    patches are set, try to add a block with the missing count P as the limit. A call makes up
+    to ``max_attempts`` attempts and stops at the first accepted block: area ~ U(min_block_area,
+    P) (which lies in [P, min_block_area] when P is smaller), log aspect ~ U(log aspect_range),
+    h and w the half-to-even rounded sides sqrt(area * aspect) and sqrt(area / aspect), kept
+    only if h < grid and w < grid (strict, so a block spans at most grid - 1), top-left corner
+    uniform over all in-grid positions (inclusive, so the last row and column are reachable),
+    accepted iff it adds between 1 and P new patches. Overlaps are allowed, so the last blocks
+    fill the budget exactly.
     """
     shape_bits, reachable, fallback_shapes = cfg.plan
     budget, min_area, max_attempts = cfg.budget, cfg.min_block_area, cfg.max_attempts
@@ -263,10 +259,10 @@ def _blockwise_config(
     if blocks_are == "kept":
         budget, invert = kept, False
     else:
-        # NOTE(deviation): blocks_are='masked' is the paper/BEiT reading (SPEC §10.1(b)):
-        # the blocks are the masked patches (budget N - K) and the kept set is their
-        # complement. K stays ceil((1 - ratio) N) for both readings, so the number of
-        # context tokens (a static shape) does not depend on this flag.
+        # NOTE(deviation): blocks_are='masked' is the paper/BEiT reading
+        # (docs/design.md#masking): the blocks are the masked patches (budget N - K) and the
+        # kept set is their complement. K stays ceil((1 - ratio) N) for both readings, so the
+        # number of context tokens (a static shape) does not depend on this flag.
         budget, invert = grid * grid - kept, True
     plan = _block_plan(grid, min_block_area, log_aspect)
     return _BlockwiseConfig(plan, budget, invert, min_block_area, log_aspect, max_attempts)
@@ -289,14 +285,15 @@ def blockwise_keep_mask(
     aspect_range: tuple[float, float] = ASPECT_RANGE,
     max_attempts: int = MAX_ATTEMPTS,
 ) -> np.ndarray:
-    """One blockwise keep-mask, [grid * grid] bool, row-major, True = keep (SPEC §5.2).
+    """One blockwise keep-mask, [grid * grid] bool, row-major, True = keep.
 
-    Exactly K = num_kept(grid**2, ratio) entries are True.
+    The official `get_random_blockwise_mask`. Exactly K = num_kept(grid**2, ratio) entries
+    are True.
 
-    blocks_are='kept' (default, the reference's behaviour, SPEC §10.1(a)): rectangles
-    are added until they cover K patches; they are the visible context and the loss
-    targets are the complement. blocks_are='masked' (the paper/BEiT reading): the
-    rectangles cover the N - K masked patches and the kept set is the complement.
+    blocks_are='kept' (default, the reference's behaviour): rectangles are added until they
+    cover K patches; they are the visible context and the loss targets are the complement.
+    blocks_are='masked' (the paper/BEiT reading): the rectangles cover the N - K masked
+    patches and the kept set is the complement.
 
     The defaults (area >= 16, aspect in [0.3, 3.3], 10 attempts per call) are the
     reference's; BEiT uses a minimum area of 4 and aspect [0.3, 1/0.3]. max_attempts
@@ -310,7 +307,10 @@ def blockwise_keep_mask(
 def _uniform_batch(
     rng: np.random.Generator, batch_size: int, grid: int, ratio: float
 ) -> np.ndarray:
-    """[batch_size, grid * grid] bool with K uniformly chosen True per row (SPEC §5.3)."""
+    """[batch_size, grid * grid] bool with K uniformly chosen True per row.
+
+    The official `get_random_uniform_mask`.
+    """
     num_patches = _check_int("grid", grid, 1) ** 2
     kept = num_kept(num_patches, ratio)
     # The K smallest of N iid random scores sit at a uniformly random K-subset. The
@@ -326,8 +326,8 @@ def _uniform_batch(
 def uniform_keep_mask(rng: np.random.Generator, grid: int, ratio: float) -> np.ndarray:
     """One uniform keep-mask, [grid * grid] bool: K = num_kept patches chosen uniformly.
 
-    The reference returns float64 (SPEC §10.16); the dtype has no numerical effect, so
-    masks are bool here.
+    The reference returns float64 (`get_random_uniform_mask`); the dtype has no numerical
+    effect, so masks are bool here.
     """
     return _uniform_batch(rng, 1, grid, ratio)[0]
 
@@ -346,12 +346,12 @@ def keep_masks(
 
     A pure function of its arguments: the numpy generator is seeded from (seed, step,
     process_index), so resuming at step s redraws exactly the masks of step s with no
-    generator state to checkpoint (the reference draws from Python's global `random`,
-    SPEC §5), and each host draws different masks. Every row keeps exactly
-    num_kept(grid**2, ratio) patches (SPEC §5.1), the static context length.
+    generator state to checkpoint (the reference draws from Python's global `random`), and
+    each host draws different masks. Every row keeps exactly num_kept(grid**2, ratio)
+    patches, the static context length.
 
-    mask_type: 'blockwise' (SPEC §5.2 with the reference's block parameters; see
-    `blockwise_keep_mask` for blocks_are) or 'uniform' (SPEC §5.3; blocks_are ignored).
+    mask_type: 'blockwise' (the reference's sampler and block parameters; see
+    `blockwise_keep_mask` for blocks_are) or 'uniform' (blocks_are ignored).
     """
     seed = _check_int("seed", seed, 0)
     step = _check_int("step", step, 0)

@@ -1,38 +1,16 @@
-"""I-JEPA multi-block masks (SPEC §9.1) with static shapes, made on the host with numpy.
+"""I-JEPA multi-block masks with static shapes, made on the host with numpy.
 
-Per batch, one target block size (h, w) and one context block size are drawn; per image,
-`num_targets` target rectangles of the target size are placed at random, and one context
-rectangle of the context size is placed and has every target removed from it. The context
-must keep more than `min_keep` patches: otherwise it is re-placed, and after every 20
-failures one fewer target is removed (the upstream collator's rule).
+The I-JEPA code's `src/masks/multiblock.py`, `MaskCollator`: per batch one target block size
+and one context block size; per image `num_targets` target rectangles and one context
+rectangle with every target removed from it (re-placed while it keeps <= `min_keep` patches).
+Block sizes vary per batch and context lengths per image, so index lists are padded to
+per-run maxima and come with validity masks (context_idx / context_valid [B, Kc],
+target_idx / target_valid [B, M, Kt]): one compilation serves the whole run.
 
-Static shapes: the jitted step must never recompile, yet block sizes vary from batch to
-batch and the context count from image to image. So index lists are padded to per-run
-maxima and come with validity masks (the models mask padded keys out of attention and
-the loss skips padded targets):
-  context_idx   int32 [B, Kc]      patch indices n = r·grid + c, ascending raster order;
-  context_valid bool  [B, Kc]      False on padding (which repeats the first valid index);
-  target_idx    int32 [B, M, Kt]   M = num_targets blocks, each in raster order;
-  target_valid  bool  [B, M, Kt]
-with Kt the largest target block area that the sizes can reach (`max_block_area`) and Kc
-the largest context block area, or `max_context_tokens` when set. Nothing else depends on
-the batch, so one compilation serves the run. Padding costs compute (at 14x14 the context
-has 90 valid of Kc = 196 slots on average, 132 at the 99th percentile): a cap keeps a
-uniformly random subset of the larger contexts (the first in raster order with
-`truncate_context`), e.g. 128 drops a few tokens from ~1.5% of the contexts.
-
-The upstream quirks of SPEC §10.25 are fixed by default and reproduced by flags:
-  correlated_size:  one uniform drives both scale and aspect (upstream), instead of two;
-  exclusive_corner: the corner is drawn from [0, grid − h) (upstream, so the last row and
-                    column are never in a block and sizes stop at grid − 1), instead of
-                    [0, grid − h] with sizes up to grid;
-  truncate_context: every context list is cut to the batch's shortest one, keeping the
-                    first indices in raster order (upstream), instead of keeping them all.
-
-`multiblock_masks` is a pure function of (seed, step, process_index), like the MIM-JEPA
-masks (scott_jax.masking): a resumed run draws what the uninterrupted run drew. It runs
-in the input thread (scott_jax.train.prefetch): about 3 ms per batch of 128 at
-14x14 (vectorised over the batch; only rejected contexts loop).
+The upstream quirks (correlated_size, exclusive_corner, truncate_context) are fixed by
+default and reproduced by flags. `multiblock_masks` is a pure function of (seed, step,
+process_index), like `scott_jax.masking`. Shapes, quirks and padding costs are explained in
+docs/design.md#i-jepa-multi-block-masks.
 """
 
 import functools
@@ -48,7 +26,13 @@ TIMEOUT = 20
 
 
 class MultiBlockSpec(NamedTuple):
-    """The collator's parameters (SPEC §9.1); `from_config` reads them from `config.ijepa`."""
+    """`MaskCollator`'s parameters (upstream defaults); `from_config` reads `config.ijepa`.
+
+    True reproduces an upstream quirk: `correlated_size` (one uniform draws both scale and
+    aspect), `exclusive_corner` (corners in [0, grid − h), so the last row and column are
+    never in a block), `truncate_context` (contexts cut to the batch's shortest, first in
+    raster order). `max_context_tokens` caps Kc (a random subset of longer contexts is kept).
+    """
 
     grid: int
     num_targets: int = 4
@@ -83,11 +67,11 @@ class MultiBlockSpec(NamedTuple):
 def block_size(
     grid: int, scale: float, aspect: float, exclusive_corner: bool = False
 ) -> tuple[int, int]:
-    """(h, w) of a block covering `scale` of the grid with aspect h/w ≈ `aspect` (SPEC §9.1).
+    """(h, w) of a block covering `scale` of the grid with aspect h/w ≈ `aspect`.
 
-    max_keep = int(grid²·scale), h = round(√(max_keep·aspect)), w = round(√(max_keep/aspect))
-    (Python's half-to-even round, as upstream), then capped at grid − 1 (exclusive_corner,
-    upstream) or grid.
+    As upstream `MaskCollator._sample_block_size`: max_keep = int(grid²·scale),
+    h = round(√(max_keep·aspect)), w = round(√(max_keep/aspect)) (Python's half-to-even
+    round), then capped at grid − 1 (exclusive_corner, upstream) or grid.
     """
     max_keep = int(grid * grid * scale)
     h = round(math.sqrt(max_keep * aspect))

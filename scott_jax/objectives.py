@@ -1,5 +1,5 @@
-"""MIM-JEPA objective (SPEC §6.2 steps 2 and 5): normalised targets and masked Smooth-L1;
-and I-JEPA's block regression loss (SPEC §9.4).
+"""MIM-JEPA objective (official `src/mimjepa.py`): normalised targets and masked Smooth-L1;
+and I-JEPA's block regression loss (I-JEPA code: `src/train.py`, `loss_fn`).
 
 The target encoder sees the second view unmasked; its features are layer-normalised
 without affine parameters and detached. The loss compares the predictor's output with
@@ -15,10 +15,11 @@ from scott_jax.models.transformer import layer_norm
 
 
 def target_features(features: jax.Array) -> jax.Array:
-    """Regression targets: non-affine LayerNorm over D (eps 1e-5), no gradient (SPEC §6.2.2).
+    """Regression targets: non-affine LayerNorm over D (eps 1e-5), no gradient.
 
     features [B, N, D] (target-encoder output on the unmasked target view) -> [B, N, D].
-    The same normalised features feed the online probe (SPEC §6.7).
+    As `mimjepa_training` in the official `src/mimjepa.py`; the same normalised features feed
+    the online probe (docs/design.md#objective).
     """
     return jax.lax.stop_gradient(layer_norm(features))
 
@@ -30,7 +31,7 @@ def smooth_l1(diff: jax.Array) -> jax.Array:
 
 
 def masked_smooth_l1(pred: jax.Array, target: jax.Array, keep_mask: chex.Array) -> jax.Array:
-    """The reference's `ReconstructionLoss` (SPEC §6.2 step 5): a float32 scalar.
+    """The reference's `ReconstructionLoss` (`src/mimjepa.py`): a float32 scalar.
 
     pred, target [B, N, D]; keep_mask [B, N] (1 = visible, 0 = masked, any dtype).
     With drop = 1 − keep:
@@ -93,13 +94,13 @@ IJEPA_LOSSES = ("smooth_l1", "l2")
 def block_regression_loss(
     pred: jax.Array, target: jax.Array, valid: chex.Array, kind: str = "smooth_l1"
 ) -> jax.Array:
-    """I-JEPA's loss (SPEC §9.4): mean over valid target tokens and channels, float32 scalar.
+    """I-JEPA's loss: mean over valid target tokens and channels, float32 scalar.
 
     pred, target [B, M, K, D] (predictions and LN'd target features at the M target blocks);
-    valid [B, M, K] (False on padding). `kind='smooth_l1'` (β = 1) is the official code's
-    `F.smooth_l1_loss`, 'l2' the squared error the paper writes (per element, so its
-    scale matches Smooth-L1 near zero). With no padding this is the plain mean over all
-    elements, as upstream, whose index lists have equal lengths.
+    valid [B, M, K] (False on padding). `kind='smooth_l1'` (β = 1) is the I-JEPA code's
+    `F.smooth_l1_loss` (`src/train.py`, `loss_fn`), 'l2' the squared error the I-JEPA paper
+    writes (per element, so its scale matches Smooth-L1 near zero). With no padding this is
+    the plain mean over all elements, as upstream, whose index lists have equal lengths.
     """
     if kind not in IJEPA_LOSSES:
         raise ValueError(f"unknown I-JEPA loss {kind!r}; expected one of {IJEPA_LOSSES}")

@@ -7,14 +7,14 @@ Writes one PNG row per image: the image (eval transform), the first three princi
 components of its patch features as RGB, and the foreground found by thresholding the first
 component. As in the paper, the PCA is fitted jointly on the patches of all the given images,
 so colours mean the same thing across rows. The features are the frozen encoder's
-LayerNorm'd patch features (`scott_jax.probe.load_backbone` + `backbone_features`: the
+LayerNorm'd patch features (`evaluators.backbone.load_backbone` + `backbone_features`: the
 context encoder by default, `--encoder target` for the EMA one, `--encoder random` for the
 untrained baseline). `--images` takes image files, or a dataset name (`digits`,
 `oxford_flowers102`, `folder:<path>`, ...) whose first `--num-images` test images are used.
 
-The first component's sign is arbitrary; it is oriented so that the patches on the border of
-the grid (mostly background in object-centric images) have a negative mean, and the
-foreground is where it exceeds `--threshold` (0: above the mean of all patches).
+The first component's sign is arbitrary: it is oriented so that the grid's border patches
+(mostly background) have a negative mean; foreground is where it exceeds `--threshold`
+(0: above the mean of all patches).
 """
 
 import argparse
@@ -116,7 +116,7 @@ def load_images(images: Sequence[str], img_size: int, num_images: int):
     """(normalised float32 [M, S, S, 3] for the encoder, uint8 [M, S, S, 3] for display).
 
     `images`: image files, or one dataset name (its first `num_images` test images). Both go
-    through the eval transform (SPEC §7.2).
+    through the eval transform (official `src/data/transforms.py`, `get_test_transforms`).
     """
     from scott_jax.data import IMAGENET_MEAN, IMAGENET_STD, Source, eval_batches, load_source
 
@@ -155,7 +155,8 @@ def write_figure(
     import jax
     from PIL import Image
 
-    from scott_jax.probe import backbone_features, load_backbone
+    from scott_jax.evaluators.backbone import load_backbone
+    from scott_jax.evaluators.features import backbone_features
 
     if zoom < 1:
         raise ValueError(f"zoom must be >= 1, got {zoom}")

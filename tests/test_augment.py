@@ -1,4 +1,4 @@
-"""Colour augmentation, two views and the eval transform (SPEC §7.1, §7.2, §10.8).
+"""Colour augmentation, two views and the eval transform (docs/design.md#augmentation).
 
 Every op is checked eagerly and inside tf.data, against PIL (the reference's torchvision
 transforms run on PIL images) where the arithmetic is deterministic, and by statistics over
@@ -209,7 +209,7 @@ def test_blur_keeps_constants_and_smooths_noise():
 
 
 # ---------------------------------------------------------------------------
-# The reference's colour augmentation per view (SPEC §7.1 step 3)
+# The reference's colour augmentation per view (`TransformsPipeline`)
 
 
 def blur_visible_fraction():
@@ -246,7 +246,7 @@ def test_color_augment_marginal_frequencies():
 
 
 # ---------------------------------------------------------------------------
-# Two views (SPEC §7.1, §10.8) and the eval transform (SPEC §7.2)
+# Two views ('none' / 'same' / 'diff' / 'reference') and the eval transform
 
 IMAGE = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
 

@@ -1,4 +1,4 @@
-"""Data: digits splits, augmentation ops (eager and in tf.data), batch streams (SPEC §7)."""
+"""Data: digits splits, augmentation ops (eager and in tf.data), batch streams (docs/design.md)."""
 
 import numpy as np
 import pytest

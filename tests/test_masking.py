@@ -1,4 +1,7 @@
-"""Keep-masks (scott_jax/masking.py, SPEC §5): exact counts, structure, reproducibility."""
+"""Keep-masks (scott_jax/masking.py): exact counts, structure, reproducibility.
+
+The oracles transcribe the official `src/masks/random_blockwise.py` (docs/design.md#masking).
+"""
 
 import math
 import random
@@ -13,7 +16,7 @@ LOG_ASPECT = (math.log(0.3), math.log(3.3))
 
 
 def reference_count(num_patches, ratio):
-    """SPEC §5.1 as the reference states it: round (1 - ratio) * N up iff it has a fraction."""
+    """The official count: round (1 - ratio) * N up iff it has a fractional part."""
     x = (1 - ratio) * num_patches
     return int(x) + 1 if x - int(x) > 0 else int(x)
 
@@ -35,7 +38,7 @@ def neighbour_agreement(masks, grid, value=True):
 
 
 def spec_blockwise(rnd, grid, budget):
-    """A slow, independent transcription of SPEC §5.2 with Python's `random` (test oracle).
+    """A slow, independent transcription of the official `_mask` loop (test oracle).
 
     Returns the covered set as a [grid, grid] bool array and the number of blocks added.
     """
@@ -205,7 +208,7 @@ def test_blockwise_kept_set_is_blocky_and_masked_flag_flips_it():
 
 
 def test_blockwise_matches_an_independent_spec_transcription():
-    """Same distribution as SPEC §5.2 written naively with Python's `random`."""
+    """Same distribution as the official `_mask` loop written naively with Python's `random`."""
     grid, n = 14, 1500
     rnd = random.Random(0)
     oracle = [spec_blockwise(rnd, grid, 79) for _ in range(n)]

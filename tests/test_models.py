@@ -17,7 +17,8 @@ from scott_jax.models.linear import Dense, flat_dot_general
 from scott_jax.models.tokenizers import ScottTokenizer, StemConv, max_blur_pool
 from scott_jax.models.transformer import sincos_pos_embed, swiglu_hidden_dim
 
-# SPEC §3.6 / §4: trainable parameters, mask token included, position embedding excluded.
+# The official models' trainable parameters (`compute_num_trainable_params`), mask token
+# included, position embedding excluded (docs/design.md#transformer, #predictor).
 PARAM_COUNTS = {
     "scott-3/16": 6_522_432,
     "scott-7/16": 13_600_320,
@@ -71,7 +72,7 @@ def test_predictor_parameter_count():
     predictor = build_predictor(build_encoder("scott-12/16", 224))
     params = abstract_params(predictor, jnp.zeros((1, 196, 384)))
     assert count(params) == PREDICTOR_DEPTH3_PARAMS
-    assert "mask_token" not in params["transformer"]  # SPEC §10.5: never used, not created
+    assert "mask_token" not in params["transformer"]  # never used, so not created
 
 
 @pytest.mark.parametrize("registers", [0, 2])
@@ -122,7 +123,7 @@ def test_output_shapes_for_every_variant(variant, img_size):
 
 
 def test_max_blur_pool_is_the_pascal_blur_of_the_max_pool():
-    """SPEC §1.2: max pool 2x2/1, then depthwise 3x3 [1,2,1]x[1,2,1]/16 blur, stride 2, pad 1."""
+    """`MaxBlurPool2D`: max pool 2x2/1, then depthwise [1,2,1]x[1,2,1]/16 blur, stride 2, pad 1."""
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
     pooled = nn.max_pool(x, (2, 2), strides=(1, 1), padding="VALID")
     kernel = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
@@ -200,7 +201,7 @@ def test_sparse_stem_equals_masked_dense():
 
 
 def test_tokenizer_stage_sizes():
-    """224 -> 112 -> 111 -> 56 -> 28 -> 27 -> 14 (SPEC §1.1); max-blur-pool halves even sizes."""
+    """224 -> 112 -> 111 -> 56 -> 28 -> 27 -> 14 (the official stem); max-blur-pool halves."""
     assert max_blur_pool(jnp.zeros((1, 112, 112, 2))).shape == (1, 56, 56, 2)
     assert max_blur_pool(jnp.zeros((1, 28, 28, 2))).shape == (1, 14, 14, 2)
     tokenizer = ScottTokenizer(embed_dim=8, img_size=224)
@@ -283,7 +284,7 @@ def test_full_keep_mask_equals_no_mask(name, tiny_variables, batch, request):
 
 
 def test_vit_mask_replaces_tokens_with_the_mask_token(tiny_vit, tiny_variables, batch):
-    """ViT: the masked patch content is invisible at token level (SPEC §2)."""
+    """ViT: the masked patch content is invisible at token level (no pixel masking needed)."""
     images, keep_mask = batch
     variables = tiny_variables["tiny_vit"]
     pixel_keep = jnp.repeat(jnp.repeat(keep_mask.reshape(2, 4, 4), 16, 1), 16, 2)[..., None]
@@ -327,7 +328,7 @@ def test_swiglu_hidden_dim():
 
 
 def test_init_matches_the_reference_distributions():
-    """SPEC §1.1, §3.5, §4: Kaiming convs, N(0, 0.02) linears, per-block output rescale."""
+    """docs/design.md#initialisation: Kaiming convs, N(0, 0.02) linears, per-block rescale."""
     encoder = build_encoder("scott-3/16", 64)
     params = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
     conv0 = params["tokenizer"]["conv_0"]["kernel"]

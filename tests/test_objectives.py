@@ -1,4 +1,4 @@
-"""Targets and masked Smooth-L1 loss (SPEC §6.2 steps 2 and 5)."""
+"""Targets and masked Smooth-L1 loss (official `src/mimjepa.py`; docs/design.md#objective)."""
 
 from pathlib import Path
 
@@ -17,7 +17,7 @@ target_features = jax.jit(objectives.target_features)
 
 
 def reference_loss(pred, target, keep):
-    """SPEC §6.2 step 5 in float64, written as the reference does (mask both operands)."""
+    """`ReconstructionLoss` in float64, written as the reference does (mask both operands)."""
     pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
     drop = 1.0 - np.asarray(keep, np.float64)
     d = np.abs(pred * drop[..., None] - target * drop[..., None])

@@ -1,4 +1,8 @@
-"""Schedules, weight-decay mask, AdamW parity and EMA update (SPEC §6.4–6.6)."""
+"""Schedules, weight-decay mask, AdamW parity and EMA update.
+
+The reference formulas are the official `src/schedulers.py` and `src/optimizer.py`
+(docs/design.md#step-counting-and-schedules, #weight-decay).
+"""
 
 import math
 
@@ -11,7 +15,8 @@ import pytest
 from scott_jax import optim
 from scott_jax.models import build_encoder, build_predictor
 
-# SPEC §6.5 worked example: Flowers "full" (8189 images) at batch 64, 300 epochs, 40 warmup.
+# Worked example (docs/design.md#step-counting-and-schedules): Flowers "full" (8189 images)
+# at batch 64, 300 epochs, 40 warmup.
 T, W = 38_100, 5_080
 LR = dict(lr_start=1e-6, lr_peak=5e-4, lr_final=1e-5, flat_pctg=0.72)
 WD = dict(wd_start=0.04, wd_final=0.4)
@@ -19,7 +24,7 @@ EMA = dict(ema_start=0.996, ema_final=1.0)
 
 
 def reference_lr(k, total, warmup, lr_start, lr_peak, lr_final, flat_pctg):
-    """SPEC §6.5 f(k), transcribed literally in Python floats."""
+    """The reference's LR f(k) (warmup, flat, cosine), transcribed literally in Python floats."""
     if k < warmup:
         return lr_start + (k / warmup) * (lr_peak - lr_start)
     j, rest = k - warmup, total - warmup
@@ -34,7 +39,7 @@ def reference_lr(k, total, warmup, lr_start, lr_peak, lr_final, flat_pctg):
 
 
 def reference_linear(k, total, start, final):
-    """SPEC §6.5 g(k) and §6.6 m(k)."""
+    """The reference's linear WD g(k) and EMA m(k) (`LinearScheduler`)."""
     return start + (k / total) * (final - start)
 
 
@@ -121,7 +126,7 @@ def test_wd_and_ema_schedules():
 
     ema = optim.ema_schedule(T, **EMA)
     np.testing.assert_allclose(ema(0), 0.996 + 0.004 / T, rtol=1e-7)
-    assert float(ema(T - 1)) == 1.0  # the last update uses m = 1 exactly (SPEC §10.18)
+    assert float(ema(T - 1)) == 1.0  # the last update uses m = 1 exactly (k = T)
     cosine = optim.ema_schedule(T, **EMA, kind="cosine")
     assert float(cosine(T - 1)) == 1.0
     assert np.float32(0.996) <= cosine(0) < cosine(T // 2) < 1.0
@@ -168,7 +173,7 @@ def test_decay_mask_on_model_params():
     assert pred["head"]["kernel"] is True
     assert pred["head"]["bias"] is False
     assert pred["head_norm"] == {"scale": False, "bias": False}
-    # SPEC §6.4: in SCOTT only the predictor head's LN params and bias are excluded.
+    # `get_optimizer`'s rule: in SCOTT only the predictor head's LN params and bias are excluded.
     excluded = [
         jax.tree_util.keystr(path)
         for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
@@ -188,7 +193,7 @@ def test_decay_mask_on_model_params():
 
 
 def make_toy_params(rng):
-    """One leaf of each kind that the SPEC §6.4 rule separates.
+    """One leaf of each kind that the reference's weight-decay rule separates.
 
     A 2-D kernel and a 3-D mask token (decayed), a 1-D bias, a 1-D non-bias scale and a 2-D
     leaf whose name contains "bias" (not decayed: the rule is on names *or* shapes).
@@ -221,7 +226,7 @@ TOY_DECAYED = {
 
 
 def toy_lr_wd(k):
-    """The per-step (lr, wd) for step k, from the SPEC formulas (independent of `optim`)."""
+    """The per-step (lr, wd) for step k, from the reference formulas (independent of `optim`)."""
     lr = reference_lr(
         k,
         TOY["total_steps"],

@@ -90,7 +90,7 @@ def tree(tmp_path):
 # ---------------------------------------------------------------------------
 # Split arithmetic (pure: mock_data does not check split names)
 
-REFERENCE_SIZES = {  # SPEC §7.3: (name, purpose, pretrain_split) -> examples
+REFERENCE_SIZES = {  # docs/design.md#data-splits: (name, purpose, pretrain_split) -> examples
     ("oxford_flowers102", "pretrain", "full"): 8189,
     ("oxford_flowers102", "pretrain", "trainval"): 2040,
     ("oxford_flowers102", "pretrain", "train"): 1020,
@@ -138,7 +138,7 @@ def test_probe_select_hold_out_sizes():
 
 
 def test_imagenet100_wnids():
-    """SPEC §7.3 / §10 item 20: the reference's 100 animal wnids, sorted (index = position)."""
+    """The reference's 100 animal wnids (`imagenet100.py`), sorted (index = position)."""
     assert len(set(IMAGENET100_WNIDS)) == 100
     assert list(IMAGENET100_WNIDS) == sorted(IMAGENET100_WNIDS)
     assert IMAGENET100_WNIDS[0] == "n01440764" and IMAGENET100_WNIDS[-1] == "n02077923"

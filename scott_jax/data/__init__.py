@@ -1,4 +1,4 @@
-"""Input pipeline: dataset sources, augmentations and batch streams (SPEC §7).
+"""Input pipeline: dataset sources, augmentations and batch streams (docs/design.md).
 
 The names below load their module on first use: ``sources``, ``augment`` and ``pipeline``
 import TensorFlow (~5 s, CPU only), while ``augment_spec`` and ``device_augment`` (the colour

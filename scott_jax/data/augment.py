@@ -1,20 +1,17 @@
-"""Image transforms of the reference (SPEC §7.1, §7.2) as TensorFlow ops.
+"""Image transforms of the reference (`src/data/transforms.py`) as TensorFlow ops.
 
 Every op works on one image [H, W, 3], eagerly or inside ``tf.data`` (tests check both), and
 takes all sizes as arguments. Randomness comes only from the ``seed`` argument (an int [2]
-tensor) through TensorFlow's *stateless* random ops: an augmentation is a pure function of
-(image, seed). The pipeline derives each example's seed from (run seed, position of the
-example in the stream), which is what lets a resumed run redraw exactly the augmentations
-of the uninterrupted one (``pipeline``).
+tensor) through TensorFlow's *stateless* random ops, so an augmentation is a pure function of
+(image, seed); the pipeline seeds each example by its position in the stream, which is what
+lets a resumed run redraw the uninterrupted run's augmentations.
 
-The reference runs torchvision's transforms on PIL images, and PIL stores every intermediate
-image as uint8. The ops here reproduce that arithmetic (tests compare them with PIL byte for
-byte, the blur within float rounding): each op ends on the 0..255 integer grid, rounding or
-truncating as PIL does (a bicubic overshoot is clipped and rounded, a colour blend truncated,
-a blur rounded), so a chain of ops quantises between ops as the reference's chain does.
-Public ops take and return uint8 images. Inside the colour augmentation the pixels stay
-float32 holding those integer values ("pixel floats"), which saves a cast per op and changes no
-value; only ``normalize`` leaves the grid. The pixel math is compiled with XLA (``_xla``).
+The reference runs torchvision on PIL images, which are uint8 between ops; each op here also
+ends on the 0..255 integer grid, rounding or truncating as PIL does (tests compare with PIL
+byte for byte, the blur within float rounding). Public ops take and return uint8; inside the
+colour augmentation pixels are float32 holding those integers ("pixel floats"), and only
+``normalize`` leaves the grid. The pixel math is compiled with XLA (``_xla``). Details:
+docs/design.md#augmentation.
 """
 
 import functools
@@ -116,7 +113,8 @@ def random_resized_crop(
 ) -> tf.Tensor:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: a ``crop_box`` window, bicubic-resized.
 
-    SPEC §7.1 step 1. Antialiased like PIL, which the reference resizes with.
+    The reference's RandomResizedCrop (`TransformsPipeline`). Antialiased like PIL, which the
+    reference resizes with.
     """
     image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
@@ -126,7 +124,7 @@ def random_resized_crop(
 
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
-    """Horizontal flip with probability 0.5 (SPEC §7.1 step 2); [H, W, C] -> same shape."""
+    """Horizontal flip with probability 0.5 (`TransformsPipeline`); [H, W, C] -> same shape."""
     return tf.image.stateless_random_flip_left_right(image, tf.cast(seed, tf.int64))
 
 
@@ -134,14 +132,14 @@ def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """[..., 3] in [0, 255] (uint8 or pixel floats) -> float32 (x / 255 - mean) / std.
 
-    ImageNet statistics (SPEC §7.1 step 4).
+    ImageNet statistics, as the reference's `T.Normalize`.
     """
     x = tf.cast(image, tf.float32) / 255.0
     return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
 def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the test transform (SPEC §7.2).
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the test transform (`get_test_transforms`).
 
     torchvision ``Resize(round(size * 256 / 224))`` (shorter side, longer side truncated,
     bilinear, antialiased as PIL), then ``CenterCrop(size)``. At size 224 this is Resize(256),
@@ -168,13 +166,14 @@ def color_jitter(
 ) -> tf.Tensor:
     """uint8 [H, W, 3] -> uint8 [H, W, 3]: torchvision ``ColorJitter`` on a PIL image.
 
-    SPEC §7.1 step 3. Factors brightness ~ U[1 - b, 1 + b], contrast ~ U[1 - c, 1 + c],
-    saturation ~ U[1 - s, 1 + s] (lower ends clamped at 0) and a hue shift ~ U[-hue, hue] turns;
-    the four sub-ops run in a uniformly random order, and a strength of 0 leaves its sub-op out,
-    as in torchvision. Each sub-op is the PIL one torchvision calls: ``_blend`` with black
-    (brightness), with the grayscale image's mean (contrast: one scalar for all channels, the
-    rounded mean of the luma, not ``tf.image.adjust_contrast``'s per-channel means), with the
-    grayscale image (saturation); the hue shift goes through PIL's uint8 HSV (``_shift_hue``).
+    One of the reference's colour ops (`TransformsPipeline`). Factors:
+    brightness ~ U[1 - b, 1 + b], contrast ~ U[1 - c, 1 + c], saturation ~ U[1 - s, 1 + s]
+    (lower ends clamped at 0) and a hue shift ~ U[-hue, hue] turns; the four sub-ops run in a
+    uniformly random order, and a strength of 0 leaves its sub-op out, as in torchvision.
+    Each sub-op is the PIL one torchvision calls: ``_blend`` with black (brightness), with the
+    grayscale image's mean (contrast: one scalar for all channels, the rounded mean of the
+    luma, not ``tf.image.adjust_contrast``'s per-channel means), with the grayscale image
+    (saturation); the hue shift goes through PIL's uint8 HSV (``_shift_hue``).
     """
     jitter = functools.partial(
         _jitter, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue
@@ -185,8 +184,8 @@ def color_jitter(
 def random_grayscale(image: tf.Tensor, seed, p: float = GRAYSCALE_P) -> tf.Tensor:
     """uint8 [H, W, 3] -> uint8 [H, W, 3]: with probability p, PIL's luma in all 3 channels.
 
-    SPEC §7.1 step 3 (torchvision ``RandomGrayscale``, which on a PIL image is
-    ``convert('L')`` stacked three times): L = (299 R + 587 G + 114 B) / 1000, rounded.
+    One of the reference's colour ops: torchvision ``RandomGrayscale``, which on a PIL image
+    is ``convert('L')`` stacked three times: L = (299 R + 587 G + 114 B) / 1000, rounded.
     """
     return _to_uint8(_random_apply(_pixels(image), seed, p, _grayscale))
 
@@ -197,23 +196,25 @@ def gaussian_blur(
     kernel_size: int = BLUR_KERNEL,
     sigma: tuple[float, float] = BLUR_SIGMA,
 ) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8 [H, W, 3]: torchvision ``GaussianBlur`` (SPEC §7.1 step 3).
+    """uint8 [H, W, 3] -> uint8 [H, W, 3]: torchvision ``GaussianBlur``.
 
-    sigma ~ U(sigma); the kernel_size-tap kernel is exp(-x^2 / (2 sigma^2)) at the integer
-    offsets x, normalised to sum 1, applied along both axes, with reflect padding (the edge
-    pixel is not repeated) and the result rounded half to even. torchvision convolves with the
-    2-D outer product in one pass; the separable form is the same sum in another order, so a
-    pixel whose float value lies within ~1e-5 of a half-integer may round the other way (tests
-    allow that). Images must be larger than kernel_size // 2 in both dimensions.
+    One of the reference's colour ops (9 taps there). sigma ~ U(sigma); the kernel_size-tap
+    kernel is exp(-x^2 / (2 sigma^2)) at the integer offsets x, normalised to sum 1, applied
+    along both axes, with reflect padding (the edge pixel is not repeated) and the result
+    rounded half to even. torchvision convolves with the 2-D outer product in one pass; the
+    separable form is the same sum in another order, so a pixel whose float value lies within
+    ~1e-5 of a half-integer may round the other way (tests allow that). Images must be larger
+    than kernel_size // 2 in both dimensions.
     """
     return _to_uint8(_blur(_pixels(image), seed, kernel_size, sigma))
 
 
 def color_augment(image: tf.Tensor, seed) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8 [H, W, 3]: one view's colour augmentation (SPEC §7.1 step 3).
+    """uint8 [H, W, 3] -> uint8 [H, W, 3]: one view's colour augmentation.
 
-    With probability 0.6: ``RandomApply(color_jitter, p=0.8)``, ``random_grayscale(p=0.1)``
-    and ``RandomApply(gaussian_blur, p=0.3)``, with the reference's parameters, in a uniformly
+    The reference's per-view colour step (`TransformsPipeline.__call__`). With probability 0.6:
+    ``RandomApply(color_jitter, p=0.8)``, ``random_grayscale(p=0.1)`` and
+    ``RandomApply(gaussian_blur, p=0.3)``, with the reference's parameters, in a uniformly
     random order of the three; otherwise the image unchanged. Per view that is jitter with
     probability 0.48, grayscale 0.06, blur 0.18, and no op at all 0.4 + 0.6 * 0.2 * 0.9 * 0.7.
     """
@@ -230,10 +231,10 @@ def two_views(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """uint8 [H, W, 3] -> (context, target), each float32 [size, size, 3], normalised.
 
-    SPEC §7.1 / §6.2: one RandomResizedCrop + flip, shared by both views so they are spatially
-    identical; then each view's colour augmentation (``color_augment``); then ImageNet
-    normalisation. views[0] is the context (masked) view, views[1] the target view. ``aug``
-    (SPEC header table, §10.8):
+    The reference's ``TransformsPipeline`` with two views: one RandomResizedCrop + flip, shared
+    by both views so they are spatially identical; then each view's colour augmentation
+    (``color_augment``); then ImageNet normalisation. views[0] is the context (masked) view,
+    views[1] the target view. ``aug`` (docs/design.md#augmentation):
       'none':      no colour ops; the two views are the same image.
       'same':      one colour draw applied to both views: identical views, with colour (the
                    paper's 'same', which the reference code does not implement).

@@ -1,4 +1,6 @@
-"""The reference's augmentation constants (SPEC §7.1), in one place for both implementations.
+"""The reference's augmentation constants, in one place for both implementations.
+
+They are the values of the official `src/data/transforms.py`, `TransformsPipeline`.
 
 ``augment`` applies them with TensorFlow ops inside ``tf.data``; ``device_augment`` applies the
 colour part with JAX inside the jitted step. This module imports neither framework.
@@ -6,9 +8,9 @@ colour part with JAX inside the jitted step. This module imports neither framewo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Values of ``aug``: the colour augmentation of each view (SPEC §7.1, §10.8).
+#: Values of ``aug``: the colour augmentation of each view (docs/design.md#augmentation).
 AUGMENTATIONS = ("none", "same", "diff", "reference")
-#: SPEC §7.1 step 3: a view gets the colour ops with probability 0.6; then jitter (p 0.8),
+#: A view gets the colour ops with probability 0.6; then jitter (p 0.8),
 #: grayscale (p 0.1) and blur (p 0.3), each drawn on its own, in a random order.
 COLOUR_P = 0.6
 JITTER_P = 0.8

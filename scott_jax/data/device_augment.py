@@ -1,32 +1,18 @@
-"""The colour half of the pretraining views, in JAX, inside the jitted step (SPEC §7.1 steps 3-4).
+"""The colour half of the pretraining views, in JAX, inside the jitted step.
 
 With ``config.data.color_on_device`` the input pipeline yields each example's cropped, flipped
-view as uint8 (``pretrain_batches(color_on_device=True)``) and ``two_views`` here makes the
-context and target views from it on the accelerator: per view the colour augmentation
+view as uint8 (``pretrain_batches(color_on_device=True)``) and ``two_views`` makes the context
+and target views from it on the accelerator: per view the reference's colour augmentation
 (``color_augment``), then ImageNet normalisation. With ``aug='diff'`` that halves the host's
-CPU time per image (the colour ops and the normalisation of two views; measured with
-``benchmarks/bench_input.py``).
+CPU time per image (``benchmarks/bench_input.py``).
 
-Same semantics as ``augment``'s TensorFlow ops: the same ops, probabilities, parameter ranges
-and random order, and the same arithmetic on the 0..255 grid that the reference's PIL images
-imply (every op ends on integers, rounding or truncating as PIL does; tests compare the ops
-with the TF ones). Two differences, neither of which changes the distribution of the views:
-
-- the draws come from ``jax.random`` (the step's key), not from TensorFlow's stateless ops, so
-  an example is coloured differently than on the tf.data route; both are pure functions of
-  (seed, step), so a resumed run still redraws the uninterrupted run's colours;
-- the arithmetic is float32 throughout, where the TF ops use float64 in places to follow PIL's
-  C code bit for bit (the hue conversion, the blend product), and XLA may fuse a * b + c into
-  one FMA or divide by a reciprocal: a value that lies at a rounding boundary can come out one
-  step off. On XLA:CPU that is ~0.1 % of all colours one hue step (1/256 turn) off in the hue
-  shift, and well under 0.1 % of pixels one level off in a blend or the blur (tests bound both).
-
-Every function works on one image of "pixel floats" (float32 holding integers in [0, 255])
-[H, W, 3]; ``two_views`` maps ``color_augment`` over the batch with ``vmap``. Under ``vmap``
-each random choice (apply an op or not, the order of the ops) becomes a select: every op is
-computed for every image and the drawn result kept. That is more arithmetic than the chosen
-ops need, cheap on an accelerator, and keeps all shapes static. This module imports no
-TensorFlow.
+Same ops, probabilities, ranges, random order and 0..255 integer arithmetic as ``augment``'s
+TensorFlow ops, but drawn from ``jax.random`` and computed in float32, so a value on a rounding
+boundary can land one step off (tests bound how often); docs/design.md#augmentation explains
+why neither difference changes the distribution of the views. Every function works on one
+image of pixel floats [H, W, 3]; ``two_views`` maps ``color_augment`` over the batch with
+``vmap``, where each random choice becomes a select (every op computed, shapes static). This
+module imports no TensorFlow.
 """
 
 import functools
@@ -77,13 +63,13 @@ def two_views(views: jax.Array, key: jax.Array, aug: str) -> tuple[jax.Array, ja
 
 
 def normalize(x: jax.Array) -> jax.Array:
-    """[..., 3] in [0, 255] -> float32 (x / 255 - mean) / std, ImageNet statistics (§7.1 step 4)."""
+    """[..., 3] in [0, 255] -> float32 (x / 255 - mean) / std, ImageNet statistics."""
     x = x.astype(jnp.float32) / 255.0
     return (x - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
 
 
 def color_augment(x: jax.Array, key: jax.Array) -> jax.Array:
-    """One view's colour augmentation: pixel floats [H, W, 3] -> same (SPEC §7.1 step 3).
+    """One view's colour augmentation: pixel floats [H, W, 3] -> same.
 
     ``augment.color_augment``: with probability 0.6, jitter (p 0.8), grayscale (p 0.1) and blur
     (p 0.3), each drawn on its own, in a uniformly random order; otherwise the image unchanged.

@@ -1,26 +1,15 @@
 """Batches for pretraining and evaluation: shuffle, augment, batch, split across hosts.
 
-Pretraining stream (``pretrain_batches``), the determinism contract: the batch of global step
-``s`` is a pure function of (seed, s, process_index, process_count) and the source. Epoch
-``e = s // steps_per_epoch`` is a permutation of the dataset seeded by (seed, e), cut into
-full batches (drop_last, SPEC §6.5); step ``s`` reads rows ``s % steps_per_epoch`` of it. Each
-example's augmentation is seeded by (seed, its position in the global stream). So a resumed run
-(``start_step=s``) needs no saved iterator state: it computes the epoch and offset of ``s``
-and skips at the *index* level, before anything is decoded or augmented, then yields exactly
-what the uninterrupted run yielded from step ``s`` on.
+Determinism contract of ``pretrain_batches``: the batch of global step ``s`` is a pure function
+of (seed, s, process_index, process_count) and the source. Each epoch is a seeded permutation
+cut into full batches (drop_last, as the reference's training loaders), and each example's
+augmentation is seeded by its position in the global stream, so a resumed run skips at the
+index level and yields exactly what the uninterrupted run yielded, with no iterator state.
 
-Hosts: every process computes the same global batch of indices and keeps its own contiguous
-slice (``batch_size // process_count`` rows), so the global batch is the same for any number of
-processes; ``jax.make_array_from_process_local_data`` reassembles it on the mesh. The slice is
-taken before anything is read: each process reads and decodes only its own rows of every
-global batch. That is how "each process reads its own shard" here: the shard is a slice of
-each batch rather than a fixed subset of files, so the stream does not depend on the process
-count and a resumed run may use a different number of hosts.
-
-The per-example work (read or gather, decode, crop, flip, normalise) runs in a ``tf.data`` map
-with parallel calls and deterministic order; TensorFlow is kept off the GPU (``augment``). How
-an index becomes pixels depends on the source's storage (``sources.Source``): a gather from
-in-memory pixels, a decode of in-memory file bytes, or a read and decode of a file.
+Every process computes the same global batch of indices and reads and decodes only its own
+contiguous slice, so the stream does not depend on the number of hosts. The per-example work
+runs in a ``tf.data`` map (parallel, deterministic order; TensorFlow kept off the GPU). See
+docs/design.md#input-pipeline.
 """
 
 from collections.abc import Iterator
@@ -37,7 +26,7 @@ _AUGMENT_STREAM = 0x61756721  # "aug!"
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches per epoch, ⌊num_examples / batch_size⌋ (drop_last, SPEC §6.5)."""
+    """Full batches per epoch, ⌊num_examples / batch_size⌋ (drop_last, as the reference)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     steps = num_examples // batch_size
@@ -67,10 +56,10 @@ def pretrain_batches(
     Yields numpy dicts with b = batch_size // process_count rows:
       'context': float32 [b, img_size, img_size, 3], the context (masked) view;
       'target':  float32 [b, img_size, img_size, 3], the target view;
-      'label':   int32 [b], for the online probe only (SPEC §6.7).
+      'label':   int32 [b], for the online probe only.
     Both views come from one RandomResizedCrop + flip of the image and differ only by their
-    colour augmentation ``aug`` (SPEC §6.2, §7.1). Errors are raised here, not at the first
-    ``next``.
+    colour augmentation ``aug`` (docs/design.md#augmentation). Errors are raised here, not at
+    the first ``next``.
 
     color_on_device: yield instead 'view': uint8 [b, img_size, img_size, 3], the shared crop +
     flip before any colour op or normalisation, and 'label'. The jitted step then makes the
@@ -130,7 +119,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every example exactly once, in order, with the eval transform (SPEC §7.2).
+    """Every example exactly once, in order, with the eval transform (`augment.eval_transform`).
 
     ``ceil(N / batch_size)`` global batches, the last padded to full size so every batch has the
     same static shape and every host the same number of batches. Yields numpy dicts with

@@ -1,113 +1,18 @@
-"""Datasets as (images, labels) per split *purpose* (SPEC §7.3).
+"""Datasets as (images, labels) per split *purpose*: which examples does a stage of a run read?
 
-A source answers one question: which examples, with which labels, does a given stage of a
-run read? The stages are the four purposes:
+Purposes: ``pretrain`` (the SSL set; labels only for the online monitoring probe),
+``probe_train`` and ``probe_select`` (the probes' data, with a seeded per-class share held out
+to choose the probe epoch instead of selecting on test, as the reference does) and ``test``.
+``SPLITS`` is the one place that maps each dataset's purposes to named splits; the default
+``pretrain_split='full'`` is the paper's setting (the reference's ``*_full`` datasets).
 
-- ``pretrain``: the self-supervised training set. Labels ride along only for the online
-  monitoring probe (SPEC §6.7); the SSL loss never reads them.
-- ``probe_train``: the frozen-feature probes' training set (SPEC §8).
-- ``probe_select``: held out from the probes' data to choose the probe epoch honestly, instead
-  of selecting on test (SPEC §10 item 11): a fixed, seeded draw of ``select_fraction`` of every
-  class. ``probe_train`` is the rest, so ``probe_train`` + ``probe_select`` is the reference's
-  probe training set (what ``selection='reference'`` trains on).
-- ``test``: reported accuracy.
-
-A source knows nothing about augmentation, shuffling, batching or hosts: that is
-``scott_jax.data.pipeline``'s job. The pipeline reads examples by *index* (``images[i]``,
-``labels[i]``), because exact resume skips whole epochs and batches at the index level, before
-anything is decoded. So every source offers random access, in one of three storages:
-
-- ``'pixels'``: uint8 [N, H, W, 3] in memory (digits).
-- ``'encoded'``: the image files' bytes in memory, decoded per example (the TFDS datasets:
-  Flowers-102 is about 330 MB of JPEGs, Pets-37 about 800 MB; read once with TFDS's
-  ``SkipDecoding``).
-- ``'files'``: paths, read and decoded per example (ImageNet-100's 135,000 files, image
-  folders).
-
-Sources (``load_source(name, ...)``), their splits in ``SPLITS`` (the one place they are set):
-
-====================  ==============================  ==================  =============  ==========
-name                  pretrain (``pretrain_split``)   probe_train         probe_select   test
-====================  ==============================  ==================  =============  ==========
-digits                full: all 1,797; train: 1,258   1,008               250 (20 %)     539
-oxford_flowers102     full: train+validation+test     train+validation    204 (10 %,     test 6,149
-                      8,189; trainval: 2,040;         minus select:       2 per class)
-                      train: 1,020                    1,836
-oxford_iiit_pet       full: train+test 7,349;         train minus         ~370 (10 %)    test 3,669
-                      train: 3,680                    select: ~3,310
-imagenet100           full: train+val 135,000;        train minus         13,000 (10 %)  val 5,000
-                      train: 130,000                  select: 117,000
-folder:<path>         full: every split folder, or    ``train`` minus     10 %           ``test``
-                      a '+'-joined list of them       select                             (or val)
-====================  ==============================  ==================  =============  ==========
-
-``full`` is the default and the paper's setting (the reference's ``*_full`` datasets: SSL sees
-the test images, never their labels); the other variants pretrain on less data (Flowers
-train-only and train+val, for data-scaling ablations) or on no test images. Pets-37's TFDS
-``train`` is the Oxford ``trainval`` list. The Pets-37 select count depends on its per-class
-counts (about 100 each, not all equal), hence the "~".
-
-Where data lives (TFDS conventions): ``data_dir`` (``--config.data.data_dir``), else
-``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
-
-- TFDS datasets are read from there. One that is not prepared is downloaded only if its
-  download server answers within 3 s; otherwise a ``FileNotFoundError`` says where it looked
-  and the command that prepares it on a machine with internet (a plain ``tfds.load`` offline
-  stalls ~205 s).
-- ``imagenet100`` reads ``<root>/train/<wnid>/*`` and ``<root>/val/<wnid>/*`` for the 100 wnids
-  of ``IMAGENET100_WNIDS`` (SPEC §7.3, §10 item 20), where ``<root>`` is ``data_dir`` itself or
-  its ``imagenet100`` / ``imagenet-100`` sub-folder. Other folders in ``train/`` and ``val/``
-  are ignored, so a full ImageNet-1k tree in that layout works as it is.
-- ``folder:<path>`` reads ``<path>/<split>/<class>/*`` (``data_dir`` is not used). Class index =
-  position of the class folder's name in the sorted union over all splits, as
-  ``tfds.folder_dataset.ImageFolder`` does. A tree without class folders
-  (``<path>/<split>/*.jpg``) is unlabeled (labels -1, ``num_classes`` 0): fine for
-  pretraining; probe and test purposes need labels and say so.
-
-Image files (``imagenet100``, ``folder:``): ``.jpg``, ``.jpeg``, ``.png`` in any case (the
-extensions ``ImageFolder`` accepts); other files and hidden entries are ignored (one info
-line). Every file is read and decoded once at load time; one that fails (corrupt, truncated,
-not an image) is left out with a warning that names it, and listed in
-``Source.skipped_files``, so a bad file never stops a run hours in. The check is cached per
-file (size, mtime) in ``<path>/.scott_jax_image_check.json``, or under
-``~/.cache/scott_jax`` when the data folder is read-only, so a restart re-decodes nothing.
-Grayscale, RGBA and palette images decode to 3 channels (alpha is dropped). A file that
-changes or disappears after loading is not covered: the pipeline stops at it.
-
-Making ``imagenet100`` from the ILSVRC2012 archives, a one-time recipe (not run by the tests;
-paths are examples). ``ILSVRC2012_img_train.tar`` holds one ``<wnid>.tar`` per class,
-``ILSVRC2012_img_val.tar`` 50,000 flat JPEGs, and the devkit the class of each val image::
-
-    export OUT=/data/imagenet-100
-    WNIDS=$(python -c "from scott_jax.data.sources import IMAGENET100_WNIDS as w; print(*w)")
-    mkdir -p /tmp/ilsvrc/train /tmp/ilsvrc/val
-    tar -xf ILSVRC2012_img_train.tar -C /tmp/ilsvrc/train $(for w in $WNIDS; do echo $w.tar; done)
-    for w in $WNIDS; do
-      mkdir -p $OUT/train/$w && tar -xf /tmp/ilsvrc/train/$w.tar -C $OUT/train/$w
-    done
-    tar -xf ILSVRC2012_img_val.tar -C /tmp/ilsvrc/val
-    tar -xzf ILSVRC2012_devkit_t12.tar.gz -C /tmp/ilsvrc
-    python - <<'EOF'
-    import os, shutil, scipy.io
-    from scott_jax.data.sources import IMAGENET100_WNIDS
-    data = "/tmp/ilsvrc/ILSVRC2012_devkit_t12/data"
-    synsets = scipy.io.loadmat(f"{data}/meta.mat", squeeze_me=True)["synsets"]
-    wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
-    with open(f"{data}/ILSVRC2012_validation_ground_truth.txt") as f:
-        for k, line in enumerate(f, 1):
-            if (w := wnid[int(line)]) in IMAGENET100_WNIDS:
-                os.makedirs(f"{os.environ['OUT']}/val/{w}", exist_ok=True)
-                shutil.move(f"/tmp/ilsvrc/val/ILSVRC2012_val_{k:08d}.JPEG",
-                            f"{os.environ['OUT']}/val/{w}/")
-    EOF
-
-then ``--config.data.data_dir=/data/imagenet-100``. The reference's copy is the Kaggle
-"ambityga/imagenet100" download (SPEC §7.3): merge its ``train.X1`` .. ``train.X4`` folders into
-``train/`` and rename ``val.X`` to ``val/``. A split of another size than 1,300 / 50 images per
-class is logged as a warning (it would not be the paper's dataset).
-
-Offline default: ``digits``, scikit-learn's ``load_digits()`` (1,797 real hand-written digits,
-8x8 grayscale 0..16, 10 classes, shipped inside the scikit-learn wheel).
+Sources give random access by index (exact resume skips at the index level) in one of three
+storages: ``'pixels'`` (uint8 in memory), ``'encoded'`` (file bytes in memory, the TFDS
+datasets) or ``'files'`` (paths: ImageNet-100, ``folder:<path>``); augmentation, shuffling,
+batching and hosts are ``scott_jax.data.pipeline``'s job. Unreadable image files are skipped
+with a warning, never mid-run. Split tables and where data lives: docs/data.md; the
+reference's splits, the ImageNet-100 class list and a recipe to build it:
+docs/design.md#data-splits. Offline default: ``digits``.
 """
 
 import collections
@@ -133,8 +38,9 @@ PURPOSES = ("pretrain", "probe_train", "probe_select", "test")
 #: Image files read from folders, matched case-insensitively (``ImageFolder``'s extensions).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
-#: The reference's ImageNet-100 classes (SPEC §7.3, §10 item 20): 100 animal wnids among the
-#: first ~150 ImageNet-1k classes, not CMC's list. Class index = position in this sorted tuple.
+#: The reference's ImageNet-100 classes (official `src/data/datasets/imagenet100.py`): 100
+#: animal wnids among the first ~150 ImageNet-1k classes, not CMC's list
+#: (docs/design.md#data-splits). Class index = position in this sorted tuple.
 IMAGENET100_WNIDS = tuple(
     """
     n01440764 n01443537 n01484850 n01491361 n01494475 n01496331 n01498041 n01514668 n01514859
@@ -155,7 +61,7 @@ IMAGENET100_WNIDS = tuple(
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """Which named splits of a dataset each purpose reads (SPEC §7.3).
+    """Which named splits of a dataset each purpose reads (docs/design.md#data-splits).
 
     Attributes:
       pretrain: ``pretrain_split`` variant -> the splits it concatenates, in this order.
@@ -530,7 +436,7 @@ def _check_size(name: str, split: str, size: int) -> None:
     expected = SPLITS[name].sizes[split]
     if size != expected:
         log.warning(
-            "%s: split %r has %d examples, the reference's has %d (SPEC §7.3): results are "
+            "%s: split %r has %d examples, the reference's has %d: results are "
             "not comparable to the paper's.",
             name,
             split,

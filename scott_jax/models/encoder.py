@@ -14,7 +14,10 @@ from scott_jax.models.transformer import Transformer
 
 
 class Encoder(nn.Module):
-    """SCOTT (`tokenizer='scott'`) or patch-embed ViT (`tokenizer='vit'`) encoder (SPEC §1-3).
+    """SCOTT (`tokenizer='scott'`) or patch-embed ViT (`tokenizer='vit'`) encoder.
+
+    The official `src/models/scott.py`, `SCOTT`, and `src/models/vit.py`, `ViT`: tokenizer,
+    then the CCT-style transformer (docs/design.md#tokenizers and #transformer).
 
     `remat=True` (gradient checkpointing) recomputes the SCOTT stem stages and the
     transformer blocks in the backward pass: same numbers, much less activation memory.

@@ -1,16 +1,19 @@
-"""I-JEPA models (SPEC §9.2-9.3): a context-only ViT encoder and the narrow predictor.
+"""I-JEPA models: a context-only ViT encoder and the narrow predictor.
+
+The I-JEPA code's `src/models/vision_transformer.py`, `VisionTransformer` and
+`VisionTransformerPredictor` (docs/design.md#i-jepa-models-and-loss).
 
 Both use I-JEPA's pre-norm block, x ← x + Attn(LN(x)); x ← x + MLP(LN(x)), with affine
 LayerNorms (eps 1e-6), qkv and projection biases, a GELU MLP of ratio 4 with biases, and
 a final affine LayerNorm; not the CCT-style block of the SCOTT transformer. The encoder
-uses these blocks with either tokenizer, so SCOTT-vs-ViT differs only in the tokenizer
-(SPEC §9.5); the SCOTT tokenizer gets the context keep-mask and zeroes the other pixels.
+uses these blocks with either tokenizer, so SCOTT-vs-ViT differs only in the tokenizer (a choice of
+this project); the SCOTT tokenizer gets the context keep-mask and zeroes the other pixels.
 
 Token sets have static padded lengths with validity masks (scott_jax.masking_multiblock):
 a padded token is never attended to (its key is masked out), so it cannot change a valid
 token's output. Init as I-JEPA after `helper.init_model`: every Linear N(0, 0.02) with zero
 bias, LayerNorms 1/0, mask token N(0, 0.02); `depth_rescale_init` divides block i's output
-projections by √(2(i+1)), which upstream's re-init undoes (SPEC §9.4, §10.25).
+projections by √(2(i+1)), which upstream's re-init undoes.
 """
 
 import jax
@@ -63,7 +66,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """I-JEPA's pre-norm ViT block (SPEC §9.2) with per-sample drop path."""
+    """I-JEPA's pre-norm ViT block (`vision_transformer.py`, `Block`) with per-sample drop path."""
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -132,7 +135,8 @@ class Encoder(nn.Module):
     images [B, S, S, 3] -> [B, N, D] for the full image (the target encoder, probes), or,
     with context_idx [B, Kc] and context_valid [B, Kc], -> [B, Kc, D] for the context
     tokens only (the context encoder). Padded context slots come out as garbage that
-    nothing valid attended to. The pos-embed is SCOTT's row-first sin-cos (SPEC §9.6).
+    nothing valid attended to. The pos-embed is SCOTT's row-first sin-cos
+    (I-JEPA's own puts the column first; docs/design.md#transformer).
     """
 
     tokenizer: str
@@ -195,7 +199,9 @@ class Encoder(nn.Module):
 
 
 class Predictor(nn.Module):
-    """The narrow ViT predictor (SPEC §9.3): context features -> features at target blocks.
+    """The narrow ViT predictor: context features -> features at target blocks.
+
+    I-JEPA's `VisionTransformerPredictor`.
 
     context [B, Kc, D] (context-encoder output), context_idx / context_valid [B, Kc],
     target_idx / target_valid [B, M, Kt] -> [B, M, Kt, D]. Each of the M target blocks is

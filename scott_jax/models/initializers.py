@@ -1,4 +1,4 @@
-"""Initializers that reproduce the PyTorch reference's init (SPEC §1.1, §3.5, Appendix A).
+"""Initializers that reproduce the PyTorch reference's init (docs/design.md#initialisation).
 
 JAX's `truncated_normal` truncates at ±2σ and shrinks the std, whereas torch's
 `trunc_normal_(std=s)` truncates at *absolute* ±2, which for the small stds used here

@@ -1,9 +1,11 @@
-"""MIM-JEPA predictor (SPEC §4): context features [B, N, D] -> predicted targets [B, N, D].
+"""MIM-JEPA predictor: context features [B, N, D] -> predicted targets [B, N, D].
+
+The official `src/models/predictor.py`, `Predictor` (docs/design.md#predictor).
 
 A shallow copy of the encoder's transformer (no mask token: it is never called with a
-mask, so the reference's unused parameter is not created, SPEC §10.5) that re-adds the
+mask, so the reference's unused parameter is not created) that re-adds the
 position embedding, followed by the head SiLU -> LayerNorm (affine) -> Linear with
-PyTorch's default init (SPEC §10.6).
+PyTorch's default init.
 """
 
 import jax
@@ -20,7 +22,7 @@ class Predictor(nn.Module):
 
     `double_rescale=True` (default, faithful) divides block i's output projections by
     √(2(i+1))·√(2(i+1+backbone_depth)) as the reference does; False keeps only the
-    offset factor the reference most likely intended (SPEC §10.4).
+    offset factor the reference most likely intended (`Predictor.fix_init_weight`).
     """
 
     grid_size: int

@@ -1,9 +1,10 @@
-"""Classification probes on frozen patch features [B, N, D] -> logits [B, C] (SPEC §8.2-8.3).
+"""Classification probes on frozen patch features [B, N, D] -> logits [B, C].
 
-Every probe takes the backbone's non-affine LayerNorm'd patch features (SPEC §8.1), computes
-in float32 whatever the feature dtype, and draws dropout from the rng stream 'dropout'
+The official `src/models/classifiers/` and the paper's linear probe (Appendix E). Every probe
+takes the backbone's non-affine LayerNorm'd patch features (as `src/eval.py`), computes in
+float32 whatever the feature dtype, and draws dropout from the rng stream 'dropout'
 (`train=True` only). The reference trains the three attentive probes side by side and reports
-the best (SPEC §8.1, §10.12); the paper's linear probe is not in its code (SPEC §8.3).
+the best; the paper's linear probe is not in its code (docs/design.md#probes).
 
 Trainable parameters at D = 384, C = 102 (the reference's counts): simple 39,655; multi
 338,026; cross 1,811,430; linear 40,038.
@@ -17,7 +18,7 @@ from scott_jax.models import initializers
 from scott_jax.models.transformer import LINEAR_STD, LN_EPS, SwiGLU
 
 #: The reference's attentive probes, in the order its best-of-three selection breaks ties
-#: within an epoch (numpy argmax over [multi, cross, simple], SPEC §8.1).
+#: within an epoch (numpy argmax over [multi, cross, simple] in `src/eval.py`).
 ATTENTIVE_PROBES = ("multi", "cross", "simple")
 #: Every probe `build_probes` knows, the paper's linear probe first.
 PROBES = ("linear", *ATTENTIVE_PROBES)
@@ -39,7 +40,7 @@ def _layer_norm(name: str) -> nn.LayerNorm:
 
 
 class LinearProbe(nn.Module):
-    """The paper's linear probe (App. E, SPEC §8.3): mean over N -> LayerNorm -> Linear_D→C.
+    """The paper's linear probe (Appendix E): mean over N -> LayerNorm -> Linear_D→C.
 
     The reference code has no linear probe, so its init is an assumption: the LayerNorm
     (affine, eps 1e-5) starts at 1/0 and the Linear has PyTorch's default init, i.e. what a
@@ -60,7 +61,8 @@ class SimpleAttentiveProbe(nn.Module):
 
     w = softmax_N(Linear_D→1(Dropout(x))), Dropout on w in training, pooled = Σ_n w_n·x_n
     over the un-dropped x, logits = Linear_D→C(pooled). The reference's online monitoring
-    probe during pretraining (SPEC §6.7) and one of its three evaluation probes.
+    probe during pretraining and one of its three evaluation probes
+    (`SimpleAttentiveClassifier`).
     """
 
     num_classes: int
@@ -79,7 +81,9 @@ class SimpleAttentiveProbe(nn.Module):
 
 
 class MultiHeadAttentiveProbe(nn.Module):
-    """Per-head attention pooling of projected tokens, then a two-layer head (SPEC §8.2).
+    """Per-head attention pooling of projected tokens, then a two-layer head.
+
+    The official `MultiHeadAttentiveClassifier`.
 
     Per head h: w_h = softmax_N(Linear_D→H(Dropout(x))[..., h]) (Dropout on w in training),
     values = LayerNorm(Linear_D→D(Dropout(x))) split head-major into H chunks of D/H, and the
@@ -114,7 +118,9 @@ class MultiHeadAttentiveProbe(nn.Module):
 
 
 class CrossAttentiveProbe(nn.Module):
-    """One learned query cross-attending to the tokens (V-JEPA's attentive probe, SPEC §8.2).
+    """One learned query cross-attending to the tokens (V-JEPA's attentive probe).
+
+    The official `CrossAttentiveClassifier`.
 
     q = Linear_D→D(query) (the query is not normed), k | v = Linear_D→2D(LayerNorm(x)),
     H-head attention with scale (D/H)^-0.5 and attention dropout, proj Linear_D→D + dropout,
@@ -166,7 +172,7 @@ class CrossAttentiveProbe(nn.Module):
 
 
 def build_probes(num_classes: int, names: tuple[str, ...] = PROBES) -> dict[str, nn.Module]:
-    """The named probes with the reference's settings (4 heads, dropout 0.2; SPEC §8.1)."""
+    """The named probes with the reference's settings (4 heads, dropout 0.2; `src/eval.py`)."""
     constructors = {
         "linear": lambda: LinearProbe(num_classes),
         "simple": lambda: SimpleAttentiveProbe(num_classes),

@@ -1,8 +1,10 @@
 """Tokenizers: images [B, H, W, 3] -> tokens [B, N, D], N = (H/p)·(W/p) in row-major order.
 
-`ScottTokenizer` is the Sparse Convolutional Tokenizer (SPEC §1): a two-layer conv stem
-whose "sparse" behaviour is emulated by masking, SparK-style. `PatchEmbedTokenizer` is the
-plain ViT patch embedding of the "No SCOTT" ablation (SPEC §2).
+`ScottTokenizer` is the Sparse Convolutional Tokenizer (official `src/models/scott.py`,
+`SparseCNNTokenizer`): a two-layer conv stem whose "sparse" behaviour is emulated by masking,
+SparK-style (`src/models/sparsify.py`). `PatchEmbedTokenizer` is the plain ViT patch
+embedding of the "No SCOTT" ablation (`src/models/vit.py`, `PatchEmbed`). Both are explained
+in docs/design.md#tokenizers.
 
 Both take `keep_mask` [B, N] (1 = visible patch, 0 = masked), so the encoder can treat
 them alike; the patch embedding ignores it because its patches do not overlap and the
@@ -53,7 +55,7 @@ def upsample_mask(active: jax.Array, size: int) -> jax.Array:
     """Nearest-repeat a [B, g, g] patch map to [B, size, size, 1] (size a multiple of g).
 
     Feature-map pixel (i, j) at resolution `size` belongs to patch (i·g/size, j·g/size),
-    as in the reference's `repeat_interleave` (SPEC §1.3 step 3).
+    as in the reference's `repeat_interleave` (`src/models/sparsify.py`).
     """
     factor = size // active.shape[1]
     up = jnp.repeat(jnp.repeat(active, factor, axis=1), factor, axis=2)
@@ -174,7 +176,7 @@ def sparse_conv7x7s2(
 
     x [B, H, W, C], kernel [7, 7, C, O], kept_index [B, K] (from `kept_patches`; index
     grid² = padding) -> [B, H/2, W/2, O], equal to `conv(x) * mask` at the output
-    resolution: the SCOTT stem's masked-dense conv (SPEC §1.3) without computing the
+    resolution: the SCOTT stem's masked-dense conv (`SparseConv2d`) without computing the
     outputs that the re-mask zeroes. Each kept patch owns q x q output pixels (q = H/2/grid),
     whose 7x7 windows span a (2q+5)² region of the padded input; the K regions of each
     image are gathered, convolved as one im2col matmul and scattered into a zero map. At
@@ -208,12 +210,12 @@ def sparse_conv7x7s2(
 
 
 class StemConv(nn.Module):
-    """7x7 stride-2 conv, no bias, explicit padding 3 (SPEC §1.1): [B, H, W, I] -> [B, H/2, W/2, O].
+    """7x7 stride-2 conv, no bias, explicit padding 3: [B, H, W, I] -> [B, H/2, W/2, O].
 
     `impl='xla'` is `lax.conv`; `'im2col'` gathers the 49 strided taps and does one matmul,
     which XLA:CPU runs about 1.7x faster forward+backward for the 64 -> 384 conv; `'auto'`
     picks im2col on CPU and the XLA conv (cuDNN) on accelerators. Same params and numbers.
-    Explicit padding matters: 'SAME' would pad (2, 3) and shift the grid (SPEC §1.2).
+    Explicit padding matters: 'SAME' would pad (2, 3) and shift the grid (torch pads (3, 3)).
 
     Given `kept_index` [B, K] (and the patch `grid` side), the conv is evaluated only
     inside kept patches (`sparse_conv7x7s2`) and the output is zero elsewhere.
@@ -243,14 +245,14 @@ class StemConv(nn.Module):
 
 
 class ScottTokenizer(nn.Module):
-    """SCOTT conv stem with masked-dense "sparse" convolutions (SPEC §1).
+    """SCOTT conv stem with masked-dense "sparse" convolutions (`SparseCNNTokenizer`).
 
     conv 7x7/2 (no bias) -> ReLU -> MaxBlurPool -> conv 7x7/2 (no bias) -> ReLU ->
     MaxBlurPool: [B, S, S, 3] -> [B, (S/16)², D]. With a keep-mask, masked pixels are
     zeroed at the input and every conv and MaxBlurPool output is re-masked at its own
     resolution, so no information from a masked patch reaches any output and masked
     tokens leave as exact zeros. The max pool *inside* MaxBlurPool is not re-masked
-    (faithful to the reference, SPEC §10.19). Without a mask the stem is dense.
+    (faithful to the reference, docs/design.md#tokenizers). Without a mask the stem is dense.
 
     `max_kept` (static, with a keep-mask and the im2col conv, i.e. on CPU by default) makes
     the convs truly sparse: they are evaluated only inside the kept patches
@@ -319,7 +321,9 @@ class ScottTokenizer(nn.Module):
 
 
 class PatchEmbedTokenizer(nn.Module):
-    """ViT patch embedding (SPEC §2): conv p x p / p with bias; [B, S, S, 3] -> [B, (S/p)², D].
+    """ViT patch embedding: conv p x p / p with bias; [B, S, S, 3] -> [B, (S/p)², D].
+
+    The official `src/models/vit.py`, `PatchEmbed`.
 
     The keep-mask is accepted for a uniform interface and only validated: non-overlapping
     patches need no pixel masking, the transformer swaps masked tokens for the mask token.

@@ -1,8 +1,8 @@
-"""The SCOTT transformer (SPEC §3): CCT-style blocks over [B, N, D] tokens.
+"""The SCOTT transformer (official `src/models/transformer.py`): CCT-style blocks over [B, N, D].
 
 Each block is x <- x + DropPath(Attn(LN(x))); x <- LN(x); x <- x + DropPath(FFN(x)), with
 non-affine LayerNorms (eps 1e-5) and no final norm. This is *not* a pre-norm ViT block:
-the residual stream itself is re-normalised mid-block (SPEC §3.2, §10.7).
+the residual stream itself is re-normalised mid-block (docs/design.md#transformer).
 """
 
 from collections.abc import Sequence
@@ -30,10 +30,11 @@ def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
 
 
 def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding [grid², D], row (h) half first (SPEC §3.4).
+    """Fixed 2-D sin-cos position embedding [grid², D], row (h) half first.
 
     emb[r·grid + c] = [sin(rω), cos(rω), sin(cω), cos(cω)], ω_k = 10000^(-k/F), F = D/4.
-    Computed in float64 and returned as float32, like the reference.
+    Computed in float64 and returned as float32, like the reference's
+    `get_2d_sincos_pos_embed` (I-JEPA's and MAE's put the column half first).
     """
     if embed_dim % 4:
         raise ValueError(
@@ -65,7 +66,7 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def bias_free_dense(features: int, std: float, dtype: jnp.dtype, name: str) -> Dense:
-    """The blocks' linear layers (SPEC §3.3): no bias, kernel N(0, std), `linear.Dense`."""
+    """The blocks' linear layers: no bias, kernel N(0, std), `linear.Dense`."""
     return Dense(
         features, use_bias=False, kernel_init=initializers.normal(std), dtype=dtype, name=name
     )
@@ -94,7 +95,7 @@ class Kernel(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (SPEC §3.3).
+    """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (`Attention`).
 
     Both projections are 2-D matmuls over [B·N, D] rows (`matmul_2d`): x @ qkv [D, 3D],
     then one transpose to head-major [3, B, H, N, d]; the heads are merged back to
@@ -144,7 +145,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SiLU(x W1) ⊙ (x W2) -> W3, no biases, no dropout (SPEC §3.3)."""
+    """SiLU(x W1) ⊙ (x W2) -> W3, no biases, no dropout (the reference's `SwiGLUFFN`)."""
 
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
@@ -179,7 +180,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """CCT-style block (SPEC §3.2): output = LN(h) + FFN(LN(h)), h = x + Attn(LN(x))."""
+    """CCT-style block (`Block`): output = LN(h) + FFN(LN(h)), h = x + Attn(LN(x))."""
 
     num_heads: int
     ffn_layer: str = "swiglu"
@@ -231,14 +232,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token preparation + CCT blocks (SPEC §3.1-3.5): [B, N, D] -> [B, N, D].
+    """Token preparation + CCT blocks (the reference's `Transformer`): [B, N, D] -> [B, N, D].
 
     Masked tokens (keep_mask == 0) are replaced by the learnable `mask_token`, register
     tokens are prepended, the fixed sin-cos position embedding (a constant, zero for the
     registers) is added, then position dropout and the blocks; registers are dropped at
     the end. Block i's output projections start at std 0.02 / ∏_o √(2(i+1+o)) over
     `rescale_offsets`: (0,) for the encoder, (0, backbone_depth) for the predictor's
-    faithful double rescale (SPEC §4, §10.4). `remat=True` recomputes each block's
+    faithful double rescale (docs/design.md#predictor). `remat=True` recomputes each block's
     activations in the backward pass instead of storing them (same numbers, less memory).
     `queries` [B, M] (token indices, registers not counted) makes the last block compute
     only those tokens: the output is then [B, M, D], equal to the full output gathered there.
