@@ -150,8 +150,8 @@ def make_step(torch, context_encoder, predictor, target_encoder, optimizer, ema)
     """The reference loop's MIM-JEPA update as a closure over the models: batch -> loss.
 
     With `with_stats=True` the step returns (loss, stats): the collapse monitors of our train
-    step ('target_std', 'context_std': `scott_jax.train.pooled_std` of the LN'd target and
-    context features) and the EMA momentum 'ema' of this update.
+    step ('target_std', 'context_std': `scott_jax.evaluators.metrics.pooled_std` of the LN'd
+    target and context features) and the EMA momentum 'ema' of this update.
     """
     functional = torch.nn.functional
 

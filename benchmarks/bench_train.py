@@ -3,10 +3,10 @@
     python benchmarks/bench_train.py --variant scott-7/16 --img-size 224 --batch 8 \
         --steps 5 --warmup 2
 
-The step is the one the training loop runs (`scott_jax.train.build_trainer`): target forward,
-masked context forward, predictor, loss, backward, AdamW and EMA, jitted and donated. Prints
-one JSON line: sec_per_step (median over --steps, compilation and --warmup steps excluded),
-step_times, images_per_sec, compile_sec, flops_per_step (XLA's cost analysis),
+The step is the one the training loop runs (`scott_jax.methods.mim_jepa.build_trainer`):
+target forward, masked context forward, predictor, loss, backward, AdamW and EMA, jitted and
+donated. Prints one JSON line: sec_per_step (median over --steps, compilation and --warmup
+steps excluded), step_times, images_per_sec, compile_sec, flops_per_step (XLA's cost analysis),
 achieved_tflops, peak_memory_gb (XLA's memory analysis of the compiled step: arguments +
 outputs - aliased + temporaries), peak_rss_gb (the process), and on a GPU/TPU with a known
 peak the MFU.
@@ -64,21 +64,22 @@ def setup(args):
     import jax
     import numpy as np
 
-    from configs import common
-    from scott_jax import masking, train
+    from configs import common, mim_jepa
+    from scott_jax import masking, methods, optim
     from scott_jax.sharding import make_mesh
 
-    config = common.get_config()
+    config = mim_jepa.apply(common.get_config())
     config.variant, config.img_size, config.batch_size = args.variant, args.img_size, args.batch
     config.compute_dtype = args.dtype
     config.model.conv_impl = args.conv_impl
     if args.remat:
         config.model.remat = True
-    lengths = dict(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)
-    trainer = train.build_trainer(config, lengths, make_mesh())
+    lengths = optim.RunLengths(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)
+    method = methods.of(config)
+    trainer = method.build_trainer(config, lengths, make_mesh(), source=None)
     rng = np.random.default_rng(0)
     shape = (args.batch, args.img_size, args.img_size, 3)
-    grid = trainer.grid_size
+    grid = method.build_encoder(config).grid_size
     batch = {
         "context": rng.standard_normal(shape, np.float32),
         "target": rng.standard_normal(shape, np.float32),

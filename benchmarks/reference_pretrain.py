@@ -28,9 +28,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from scott_jax import probe, train
+from scott_jax import methods, optim
 from scott_jax.data import eval_batches, load_source, pretrain_batches
-from scott_jax.models import encoder_from_config
+from scott_jax.evaluators.knn import knn_accuracy, knn_sources
+from scott_jax.methods import mim_jepa
 
 config_flags.DEFINE_config_file("config", None, "MIM-JEPA config file.", lock_config=True)
 flags.DEFINE_string("reference_dir", None, "Official SCOTT checkout (has src/models/scott.py).")
@@ -40,13 +41,13 @@ flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads.")
 flags.mark_flags_as_required(["config", "reference_dir", "out"])
 
 
-def official_models(torch, config, lengths: dict):
+def official_models(torch, config, lengths: optim.RunLengths):
     """(context_encoder, predictor, target_encoder, optimizer, ema scheduler) of the official
     code with the architecture and schedule of `config` (the fields of our encoder)."""
     from bench_reference import official_trainer
     from src.models import get_model
 
-    ours = encoder_from_config(config)
+    ours = mim_jepa.build_encoder(config)
     torch.manual_seed(config.seed)
     context_encoder = get_model(
         name=ours.tokenizer,
@@ -66,8 +67,8 @@ def official_models(torch, config, lengths: dict):
     )
     schedule = {
         **{k: v for k, v in config.optim.items() if k.startswith(("lr_", "wd_", "ema_"))},
-        "total_steps": lengths["total_steps"],
-        "warmup_steps": lengths["warmup_steps"],
+        "total_steps": lengths.total_steps,
+        "warmup_steps": lengths.warmup_steps,
     }
     schedule.pop("lr_warmup_epochs")
     return (
@@ -77,7 +78,7 @@ def official_models(torch, config, lengths: dict):
 
 
 def knn_row(torch, config, encoders: dict, sources) -> dict:
-    """k-NN top-1 of each encoder (eval mode, no mask) as `train.online_knn` computes it."""
+    """k-NN top-1 of each encoder (eval mode, no mask) as `evaluators.knn.online_knn` does."""
     row = {}
     for name, encoder in encoders.items():
         encoder.eval()
@@ -94,7 +95,7 @@ def knn_row(torch, config, encoders: dict, sources) -> dict:
             split_features.append((np.concatenate(feats), np.concatenate(labels)))
         (train_x, train_y), (test_x, test_y) = split_features
         row[f"knn/{name}_top1"] = float(
-            probe.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=sources[0].num_classes)
+            knn_accuracy(train_x, train_y, test_x, test_y, num_classes=sources[0].num_classes)
         )
     return row
 
@@ -111,7 +112,7 @@ def main(argv) -> None:
     reference = Path(flags.FLAGS.reference_dir).resolve()
     if not (reference / "src" / "models" / "scott.py").is_file():
         raise SystemExit(f"{reference} is not an official SCOTT checkout (no src/models/scott.py)")
-    if config.method != "mim_jepa" or config.data.color_on_device:
+    if methods.of(config) is not mim_jepa or config.data.color_on_device:
         raise SystemExit("reference_pretrain.py runs MIM-JEPA with host views only")
     sys.path.insert(0, str(reference))
     import torch
@@ -119,16 +120,18 @@ def main(argv) -> None:
 
     torch.set_num_threads(flags.FLAGS.threads)
     source = load_source(config.data.name, "pretrain", data_dir=config.data.data_dir)
-    lengths = train.schedule_lengths(config, source.num_examples)
-    steps = flags.FLAGS.steps or lengths["total_steps"]
+    lengths = optim.run_lengths(
+        source.num_examples, config.batch_size, config.num_epochs, config.optim.lr_warmup_epochs
+    )
+    steps = flags.FLAGS.steps or lengths.total_steps
     models = official_models(torch, config, lengths)
     context_encoder, predictor, target_encoder, optimizer, _ = models
     encoders = {"target": target_encoder, "context": context_encoder}
     step_fn = make_step(torch, *models)
-    knn_every = int(config.knn_every_epochs * lengths["steps_per_epoch"])
-    knn_data = train.knn_sources(config)
-    grid = encoder_from_config(config).grid_size
-    batches = train.masked_batches(  # the keep-masks launch.py draws for each step
+    knn_every = int(config.knn_every_epochs * lengths.steps_per_epoch)
+    knn_data = knn_sources(config.data)
+    grid = mim_jepa.build_encoder(config).grid_size
+    batches = mim_jepa.masked_batches(  # the keep-masks launch.py draws for each step
         pretrain_batches(
             source,
             batch_size=config.batch_size,

@@ -1,7 +1,7 @@
 """The one training loop, for every method: data stream -> jitted step -> metrics ->
 checkpoints, pre-emption, periodic evaluators, exact resume.
 
-`train_and_evaluate(config, workdir)` reads `config.method` once (`methods.get`), streams the
+`train_and_evaluate(config, workdir)` picks `config.method` once (`methods.of`), streams the
 method's source through the method's host-side masks into its jitted step on a ('data',)
 mesh (batch sharded, state replicated), and resumes from the latest checkpoint in `workdir`.
 Batches, masks and randomness are pure functions of (seed, step), so a resumed run repeats
@@ -82,7 +82,7 @@ def train_and_evaluate(
     """
     from scott_jax.data import pretrain_batches  # TensorFlow only where data is read
 
-    method = methods.get(config.get("method"))
+    method = methods.of(config)
     method.check_config(config)
     workdir = os.fspath(workdir)
     source = method.train_source(config)

@@ -1,11 +1,13 @@
 """Golden runs: the first 20 steps of the three digits configs at tiny sizes, through the
 whole loop (data, masks, jitted step, checkpoints), reduced to per-step losses and a
 parameter checksum. `tests/fixtures/golden.json` holds what the code produced when it was
-recorded (`python tests/fixtures/make_golden.py`); `test_golden.py` asserts that today's
-code reproduces it exactly, so a refactor that changes any number shows up.
+recorded (`python tests/fixtures/make_golden.py`) and on which machine; `test_golden.py`
+asserts that today's code reproduces it exactly there (elsewhere XLA's kernels may round
+differently, and it asserts float32 round-off), so a change of any number shows up.
 """
 
 import importlib.util
+import platform
 import sys
 from pathlib import Path
 
@@ -68,3 +70,20 @@ def checksum(tree) -> dict[str, float]:
         "sum_sq": float(sum((x * x).sum() for x in leaves)),
         "size": int(sum(x.size for x in leaves)),
     }
+
+
+def machine() -> str:
+    """The CPU and JAX version that the numbers depend on, bit for bit."""
+    import jax
+
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        model = info["model name\t"].strip()
+        flags = " ".join(
+            f for f in ("avx2", "avx512f", "amx_tile") if f in info["flags\t\t"].split()
+        )
+    except (OSError, KeyError):
+        pass
+    return f"{model} [{flags}], jax {jax.__version__}"

@@ -164,13 +164,18 @@ def test_reference_pretrain_logs_our_keys_on_our_schedule(tmp_path):
     assert 0 <= rows[-1]["knn/target_top1"] <= 100 and "knn/context_top1" in rows[-1]
 
     from configs import digits
-    from scott_jax import train
+    from scott_jax import optim
     from scott_jax.data import load_source
 
     config = digits.get_config()
     config.batch_size, config.num_epochs = 8, 4
-    lengths = train.schedule_lengths(config, load_source("digits", "pretrain").num_examples)
-    schedules = train.make_schedules(train.optimizer_kwargs(config, lengths), config)
+    lengths = optim.run_lengths(
+        load_source("digits", "pretrain").num_examples,
+        config.batch_size,
+        config.num_epochs,
+        config.optim.lr_warmup_epochs,
+    )
+    schedules = optim.make(config.optim, lengths, ema_kind="linear").schedules
     for count, row in enumerate(rows):
         ours = schedules(count)
         for key in ("lr", "wd", "ema"):

@@ -7,15 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import load_config, tiny_config
+from test_loop import build_trainer, load_config, tiny_config
 
+from scott_jax import loop, objectives, optim
 from scott_jax import masking_multiblock as mb
-from scott_jax import objectives, optim, train
 from scott_jax.checkpoint import Checkpointer
-from scott_jax.models import encoder_from_config
+from scott_jax.evaluators.backbone import load_backbone
+from scott_jax.methods import ijepa
 from scott_jax.models import ijepa as models
-from scott_jax.probe import load_backbone
-from scott_jax.sharding import make_mesh
 from scott_jax.writers import read_metrics
 
 UPSTREAM = dict(correlated_size=True, exclusive_corner=True, truncate_context=True)
@@ -277,8 +276,7 @@ def fake_batches(batch_size, seed=0):
 
 
 def run_steps(config, devices, num_steps=3, num_classes=None):
-    lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
-    trainer = train.build_trainer(config, lengths, make_mesh(devices), num_classes=num_classes)
+    trainer = build_trainer(config, devices, online_probe=num_classes is not None)
     state = trainer.init(jax.random.key(0))
     history = []
     for batch in zip(range(num_steps), trainer.add_masks(fake_batches(8), 0), strict=False):
@@ -307,8 +305,7 @@ def test_step_on_8_devices_equals_1_device_and_never_recompiles():
 def test_step_trains_both_parts_and_the_probe():
     config = tiny_ijepa_config(variant="scott-3/16", img_size=128)
     config.model.patch_size = 16
-    lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
-    trainer = train.build_trainer(config, lengths, make_mesh(jax.devices()[:1]), num_classes=10)
+    trainer = build_trainer(config, jax.devices()[:1], online_probe=True)
     state = trainer.init(jax.random.key(0))
     assert set(state.params) == {"context_encoder", "predictor"}
     rng = np.random.default_rng(0)
@@ -330,18 +327,18 @@ def test_step_trains_both_parts_and_the_probe():
 def test_configs_select_ijepa():
     config = load_config("flowers")
     config.method = "ijepa"
-    encoder, predictor = train.build_models(config)
+    encoder, predictor = ijepa.build_models(config)
     assert isinstance(encoder, models.Encoder) and encoder.tokenizer == "scott"
     assert (predictor.embed_dim, predictor.depth) == (384, 6)
     config = load_config("flowers_ijepa")
     assert (config.method, config.variant, config.optim.lr_flat_pctg) == ("ijepa", "vit-12/16", 0)
     assert mb.check_spec(mb.MultiBlockSpec.from_config(config, 14)) == (128, 42)
     digits = load_config("digits_ijepa")
-    encoder, _ = train.build_models(digits)
+    encoder, _ = ijepa.build_models(digits)
     assert encoder.grid_size == 8
     mb.check_spec(mb.MultiBlockSpec.from_config(digits, encoder.grid_size))
     digits.variant = "scott-3/16"
-    assert train.build_models(digits)[0].tokenizer == "scott"
+    assert ijepa.build_models(digits)[0].tokenizer == "scott"
 
 
 # --------------------------------------------------------------------------- loop
@@ -352,9 +349,9 @@ def ijepa_runs(tmp_path_factory):
     """Digits runs of 4 steps: one uninterrupted, one stopped after 2 and resumed."""
     root = tmp_path_factory.mktemp("ijepa")
     config = tiny_ijepa_config(checkpoint_every_steps=2)
-    full = train.train_and_evaluate(config, root / "full", stop_at_step=4)
-    train.train_and_evaluate(config, root / "resumed", stop_at_step=2)
-    resumed = train.train_and_evaluate(config, root / "resumed", stop_at_step=4)
+    full = loop.train_and_evaluate(config, root / "full", stop_at_step=4).state
+    loop.train_and_evaluate(config, root / "resumed", stop_at_step=2)
+    resumed = loop.train_and_evaluate(config, root / "resumed", stop_at_step=4).state
     return root, full, resumed
 
 
@@ -382,7 +379,7 @@ def test_probe_loads_the_encoder_of_an_ijepa_run(ijepa_runs):
     images = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
     features = backbone.encoder.apply({"params": backbone.params}, images)
     assert features.shape == (2, 64, 32)
-    module = encoder_from_config(backbone.train_config)
+    module = ijepa.build_encoder(backbone.train_config)
     expected = module.apply({"params": jax.device_get(full.target_params)}, images)
     np.testing.assert_allclose(features, expected, rtol=1e-6)
     context = load_backbone(root / "full")

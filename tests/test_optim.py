@@ -136,12 +136,28 @@ def test_wd_and_ema_schedules():
         optim.wd_schedule(0, **WD)
 
 
-def test_schedule_values_match_the_schedules():
+def test_make_builds_the_optimizer_and_its_schedules():
+    """`optim.make`: the logged schedule values are the ones the optax chain applies."""
+    config = {
+        "lr_start": LR["lr_start"],
+        "lr_peak": LR["lr_peak"],
+        "lr_final": LR["lr_final"],
+        "lr_flat_pctg": LR["flat_pctg"],
+        **WD,
+        **EMA,
+        **dict(b1=0.9, b2=0.999, eps=1e-8),
+    }
+    made = optim.make(config, optim.RunLengths(100, T, W), ema_kind="linear")
     count = jnp.asarray(W + 7)
-    values = jax.jit(
-        lambda c: optim.schedule_values(c, total_steps=T, warmup_steps=W, **LR, **WD, **EMA)
-    )(count)
+    values = jax.jit(made.schedules)(count)
     assert set(values) == {"lr", "wd", "ema"}
+    assert set(optim.make(config, optim.RunLengths(100, T, W)).schedules(0)) == {"lr", "wd"}
+    params = {"w": jnp.ones((2, 2))}
+    state = made.tx.init(params)
+    update = jax.jit(made.tx.update)
+    for _ in range(W + 8):  # the update with count W + 7 applies values["lr"], values["wd"]
+        updates, state = update({"w": jnp.zeros((2, 2))}, state, params)
+    np.testing.assert_allclose(updates["w"], -values["lr"] * values["wd"] * params["w"], rtol=1e-5)
     np.testing.assert_allclose(values["lr"], 5e-4)
     np.testing.assert_allclose(values["wd"], reference_linear(W + 8, T, 0.04, 0.4), rtol=1e-6)
     np.testing.assert_allclose(values["ema"], reference_linear(W + 8, T, 0.996, 1.0), rtol=1e-7)

@@ -9,8 +9,9 @@ import chex
 import numpy as np
 import pytest
 
-from scott_jax import supervised
+from scott_jax import loop
 from scott_jax.checkpoint import Checkpointer, load_state_tree
+from scott_jax.methods import supervised
 from scott_jax.writers import read_metrics
 
 ROOT = Path(__file__).parents[1]
@@ -65,7 +66,6 @@ def test_config_errors():
         ({"selection": "reference"}, "config.selection"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"num_epochs": 10}, "lr_warmup_epochs"),
-        ({"method": "mim_jepa"}, "config.method"),
     ]:
         config = supervised_config(**overrides)
         with pytest.raises(ValueError, match=message):
@@ -84,7 +84,7 @@ def test_supervised_run_learns_digits(tmp_path):
         img_size=32,  # the digits' own size (8 px upsampled 4x; 64 in the config): 2x2 patches
         **{"optim.lr_warmup_epochs": 0.5, "optim.lr_peak": 2e-3},
     )
-    results = supervised.train_and_evaluate(config, tmp_path)
+    results = loop.train_and_evaluate(config, tmp_path).results
     entry = results["probes"]["linear"]
     assert entry["top1"] > 60.0, entry
     assert entry["mpc"] <= entry["top5"] and entry["top1"] <= entry["top5"]
@@ -102,10 +102,11 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     """10 labels per class, batch 16: 6 steps; stop after 3, resume: same losses and params."""
     config = supervised_config(labels_per_class=10, num_epochs=2, eval_every_epochs=1, img_size=32)
     config.optim.lr_warmup_epochs = 1.0
-    full = supervised.train_and_evaluate(config, tmp_path / "full")
-    assert supervised.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=4) is None
+    full = loop.train_and_evaluate(config, tmp_path / "full").results
+    stopped = loop.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=4)
+    assert stopped.results is None
     assert Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 4
-    resumed = supervised.train_and_evaluate(config, tmp_path / "resumed")
+    resumed = loop.train_and_evaluate(config, tmp_path / "resumed").results
 
     def losses(workdir):
         return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
@@ -125,22 +126,16 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("config_file", "trainer"), [("digits_supervised", "supervised"), ("digits", "train")]
+    ("config_file", "method"), [("digits_supervised", "supervised"), ("digits", "mim_jepa")]
 )
-def test_launch_dispatches_on_config_method(config_file, trainer, tmp_path, monkeypatch):
-    """launch.py runs scott_jax.supervised for method 'supervised', scott_jax.train otherwise."""
+def test_launch_runs_the_loop_with_the_configs_method(config_file, method, tmp_path, monkeypatch):
+    """launch.py hands every config to the one loop, which picks the method."""
     from absl import flags
 
-    from scott_jax import train
-
     calls = []
-    for module in (supervised, train):
-        name = module.__name__.rsplit(".", 1)[-1]
-        monkeypatch.setattr(
-            module,
-            "train_and_evaluate",
-            lambda config, workdir, name=name: calls.append((name, config.method, workdir)),
-        )
+    monkeypatch.setattr(
+        loop, "train_and_evaluate", lambda config, workdir: calls.append((config.method, workdir))
+    )
     monkeypatch.syspath_prepend(str(ROOT))
     import launch
 
@@ -150,5 +145,4 @@ def test_launch_dispatches_on_config_method(config_file, trainer, tmp_path, monk
         launch.main(["launch.py"])
     finally:
         flags.FLAGS.unparse_flags()
-    method = "supervised" if trainer == "supervised" else "mim_jepa"
-    assert calls == [(trainer, method, str(tmp_path))]
+    assert calls == [(method, str(tmp_path))]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from scott_jax import visualize
 from scott_jax.checkpoint import Checkpointer
-from scott_jax.models import encoder_from_config
+from scott_jax.models import encoder_from_config  # the MIM-JEPA run's encoder
 
 
 def synthetic_features(rng, num_images=5, grid=4, dim=16):
@@ -70,7 +70,7 @@ def test_grid_layout_and_bad_input():
 def tiny_run(tmp_path_factory):
     """A workdir with one checkpoint of a tiny digits encoder (random weights, no training)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import tiny_config
+    from test_loop import tiny_config
 
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config()

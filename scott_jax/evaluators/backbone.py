@@ -57,7 +57,7 @@ def load_backbone(
         raise ValueError(f"the checkpoint in {directory} has no 'step'; keys: {sorted(tree)}")
     step = int(tree["step"]) if step is None else int(step)
     train_config = load_config(directory, step)
-    method = methods.get(train_config.get("method"))
+    method = methods.of(train_config)
     encoder = encoder or next(iter(method.ENCODERS))
     if encoder != RANDOM and encoder not in method.ENCODERS:
         raise ValueError(

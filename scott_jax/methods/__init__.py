@@ -1,5 +1,5 @@
-"""The training methods, each a module the one loop (`scott_jax.loop`) drives; `get` maps
-`config.method` to its module and is the only place that reads it.
+"""The training methods, each a module the one loop (`scott_jax.loop`) drives; `of(config)`
+maps `config.method` to its module and is the only place that reads that field.
 
 A method module provides:
 - `NAME`: its `config.method` value;
@@ -14,6 +14,7 @@ A method module provides:
 Adding a method: its module, its config block (configs/<method>.py) and one line below.
 """
 
+from collections.abc import Mapping
 from types import ModuleType
 
 from scott_jax.methods import ijepa, mim_jepa, supervised
@@ -26,3 +27,8 @@ def get(name: str | None) -> ModuleType:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def of(config: Mapping) -> ModuleType:
+    """The module of a run config's method (a ConfigDict or the dict saved with a run)."""
+    return get(config.get("method"))

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from scott_jax import optim
 from scott_jax.evaluators import Evaluator
 from scott_jax.evaluators.knn import knn_evaluator
-from scott_jax.evaluators.probes import update_probe
+from scott_jax.evaluators.probe_steps import update_probe
 from scott_jax.models.probes import SimpleAttentiveProbe
 
 

@@ -1,11 +1,14 @@
-"""Train step and loop: sharding invariance, resume = uninterrupted, NaN guard, configs, CLI."""
+"""The loop and the MIM-JEPA step: sharding invariance, resume = uninterrupted, NaN guard,
+configs, CLI."""
 
 import importlib.util
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import chex
 import jax
@@ -14,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scott_jax import masking, objectives, train
+from scott_jax import loop, masking, methods, objectives, optim
 from scott_jax.checkpoint import Checkpointer, load_state_tree
 from scott_jax.data.augment_spec import IMAGENET_MEAN, IMAGENET_STD
+from scott_jax.methods import mim_jepa
 from scott_jax.sharding import make_mesh
 from scott_jax.writers import read_metrics
 
@@ -74,7 +78,7 @@ def test_configs_have_the_documented_fields(name):
         for part in field.split("."):
             node = node[part]
     assert config.method == "mim_jepa"
-    encoder, _predictor = train.build_models(config)
+    encoder, _predictor = mim_jepa.build_models(config)
     assert encoder.img_size == config.img_size
 
 
@@ -85,25 +89,24 @@ def test_paper_configs_follow_the_paper(name):
     assert (config.img_size, config.mask.type, config.mask.ratio) == (224, "blockwise", 0.6)
 
 
-def test_schedule_lengths_match_the_worked_example():
-    """SPEC §6.5: Flowers full (8,189 images) at batch 64 -> ipe 127, T 38,100, W 5,080."""
+def test_run_lengths_match_the_worked_example():
+    """Flowers full (8,189 images) at batch 64, the official schedule arithmetic (drop_last):
+    ipe 127, T 38,100, W 5,080; at batch 128, T 18,900."""
     config = load_config("flowers")
-    config.batch_size = 64
-    assert train.schedule_lengths(config, 8189) == dict(
-        steps_per_epoch=127, total_steps=38_100, warmup_steps=5_080
-    )
-    config.batch_size = 128
-    assert train.schedule_lengths(config, 8189)["total_steps"] == 18_900
-    config.batch_size = 10_000
+    lengths = optim.run_lengths(8189, 64, config.num_epochs, config.optim.lr_warmup_epochs)
+    assert lengths == optim.RunLengths(steps_per_epoch=127, total_steps=38_100, warmup_steps=5_080)
+    assert optim.run_lengths(8189, 128, 300, 40).total_steps == 18_900
     with pytest.raises(ValueError, match="larger than the dataset"):
-        train.schedule_lengths(config, 8189)
+        optim.run_lengths(8189, 10_000, 300, 40)
+    with pytest.raises(ValueError, match="lr_warmup_epochs"):
+        optim.run_lengths(8189, 64, 10, 20)
 
 
 def test_unknown_method_and_dtype_are_errors():
-    with pytest.raises(ValueError, match="unknown method"):
-        train.build_models(tiny_config(method="simclr"))
+    with pytest.raises(ValueError, match="unknown method 'simclr'"):
+        methods.get(tiny_config(method="simclr").method)
     with pytest.raises(ValueError, match="unknown compute_dtype"):
-        train.build_models(tiny_config(compute_dtype="fp8"))
+        mim_jepa.build_models(tiny_config(compute_dtype="fp8"))
 
 
 def synthetic_batch(config, batch_size, seed=0):
@@ -118,12 +121,20 @@ def synthetic_batch(config, batch_size, seed=0):
     }
 
 
+LENGTHS = optim.RunLengths(steps_per_epoch=10, total_steps=20, warmup_steps=2)
+
+
+def build_trainer(config, devices, online_probe=False):
+    """The method's trainer on a ('data',) mesh over `devices`, 10 classes for the probe."""
+    config.online_probe = online_probe
+    return methods.get(config.method).build_trainer(
+        config, LENGTHS, make_mesh(devices), SimpleNamespace(num_classes=10)
+    )
+
+
 def run_steps(config, devices, num_steps=2, online_probe=False):
     """num_steps jitted train steps on a ('data',) mesh over `devices`; returns (state, metrics)."""
-    lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
-    trainer = train.build_trainer(
-        config, lengths, make_mesh(devices), num_classes=10 if online_probe else None
-    )
+    trainer = build_trainer(config, devices, online_probe)
     state = trainer.init(jax.random.key(0))
     history = []
     for i in range(num_steps):
@@ -183,12 +194,8 @@ def test_predicting_only_the_masked_tokens_gives_the_full_loss():
         **{"model.dropout_rate": 0.0, "model.attention_dropout": 0.0},
         **{"model.stochastic_depth_rate": 0.0},
     )
-    trainer = train.build_trainer(
-        config,
-        dict(steps_per_epoch=10, total_steps=20, warmup_steps=2),
-        make_mesh(jax.devices()[:1]),
-    )
-    encoder, predictor = train.build_models(config)
+    trainer = build_trainer(config, jax.devices()[:1])
+    encoder, predictor = mim_jepa.build_models(config)
     state = trainer.init(jax.random.key(0))
     params = jax.device_get(state.params)
     batch = synthetic_batch(config, 8)
@@ -247,8 +254,7 @@ def test_colour_on_device_step_equals_the_host_views_step():
     """`config.data.color_on_device`: a uint8 'view' batch, normalised in the step (aug='none'),
     trains exactly like the host pipeline's normalised 'context' / 'target' views."""
     config = tiny_config(**{"data.aug": "none"})
-    lengths = dict(steps_per_epoch=10, total_steps=20, warmup_steps=2)
-    trainer = train.build_trainer(config, lengths, make_mesh(jax.devices()[:1]))
+    trainer = build_trainer(config, jax.devices()[:1])
     batch = synthetic_batch(config, 8)
     view = np.random.default_rng(1).integers(0, 256, batch["context"].shape, dtype=np.uint8)
     normalised = (view / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
@@ -269,10 +275,10 @@ def test_colour_on_device_step_equals_the_host_views_step():
 def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     """Stop after step 3, resume, and the losses of steps 4-6 equal the uninterrupted run's."""
     config = tiny_config()
-    full = train.train_and_evaluate(config, tmp_path / "full", stop_at_step=6)
-    train.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=3)
+    full = loop.train_and_evaluate(config, tmp_path / "full", stop_at_step=6).state
+    loop.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=3)
     assert Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 3
-    resumed = train.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=6)
+    resumed = loop.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=6).state
     assert int(resumed.step) == int(full.step) == 6
     full_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
     resumed_losses = {
@@ -290,7 +296,7 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
 def test_online_knn_and_collapse_monitors_are_logged(tmp_path):
     """knn_every_epochs: k-NN rows for both encoders at its interval, and both std monitors."""
     config = tiny_config(knn_every_epochs=2 / 112)  # digits: 112 steps per epoch -> every 2
-    train.train_and_evaluate(config, tmp_path, stop_at_step=3)
+    loop.train_and_evaluate(config, tmp_path, stop_at_step=3)
     rows = read_metrics(tmp_path)
     knn = [r for r in rows if "knn/target_top1" in r]
     assert [r["step"] for r in knn] == [2]
@@ -306,7 +312,7 @@ def test_online_knn_needs_labels(tmp_path):
     for i in range(20):
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / "train" / f"{i}.png")
     with pytest.raises(ValueError, match="knn_every_epochs needs labeled data"):
-        train.train_and_evaluate(config, tmp_path / "run")
+        loop.train_and_evaluate(config, tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -328,7 +334,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     monkeypatch.setattr(data, "pretrain_batches", poisoned_batches)
     config = tiny_config()
     with pytest.raises(FloatingPointError, match=r"loss became nan at step 5.*step 4 in"):
-        train.train_and_evaluate(config, tmp_path, stop_at_step=8)
+        loop.train_and_evaluate(config, tmp_path, stop_at_step=8)
     checkpointer = Checkpointer(tmp_path / "checkpoints")
     assert checkpointer.all_steps() == [2, 4]
     losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
@@ -402,3 +408,39 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
         rerun.kill()
         rerun.wait()
     assert f"Resumed from step {saved} of 112" in line
+
+
+V0_RUNS = Path(__file__).parent / "fixtures" / "v0_run"
+
+
+def v0_config(name):
+    """The configs of tests/fixtures/v0_run: checkpoints written by the code before the loop
+    and methods were split (commit fdc1998), a tiny ViT at step 2 of each method."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from golden import golden_config
+
+    config = golden_config(name)
+    config.variant = "vit-7/16"
+    config.model.patch_size = 16 if name == "digits" else 8
+    config.checkpoint_every_steps = 2
+    config.keep_checkpoints = 1
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "digits_ijepa"])
+def test_checkpoints_of_the_previous_layout_still_load(name, tmp_path):
+    """probe.py reads both encoders of an old run, and the loop resumes it."""
+    from scott_jax.evaluators.backbone import load_backbone
+
+    for encoder in ("context", "target"):
+        backbone = load_backbone(V0_RUNS / name, encoder=encoder)
+        assert backbone.step == 2 and backbone.encoder.img_size == 64
+    workdir = tmp_path / name
+    shutil.copytree(V0_RUNS / name, workdir)
+    state = loop.train_and_evaluate(v0_config(name), workdir, stop_at_step=3).state
+    assert int(state.step) == 3
+    losses = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+    assert sorted(losses) == [1, 2, 3] and np.isfinite(losses[3])

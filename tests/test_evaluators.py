@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 
 from scott_jax import optim
-from scott_jax import probe as probe_lib
 from scott_jax.checkpoint import Checkpointer
+from scott_jax.evaluators import backbone as backbone_lib
+from scott_jax.evaluators import features as features_lib
+from scott_jax.evaluators import knn as knn_lib
+from scott_jax.evaluators import metrics as metrics_lib
+from scott_jax.evaluators import probe_steps as probe_steps_lib
+from scott_jax.evaluators import probes as probes_lib
+from scott_jax.evaluators import selection as selection_lib
 from scott_jax.models import build_encoder
 from scott_jax.models.probes import ATTENTIVE_PROBES, PROBES, build_probes
 from scott_jax.models.transformer import layer_norm
@@ -101,24 +107,26 @@ def test_every_probe_learns_linearly_separable_features():
     probes = build_probes(4)
     steps, batch = 240, 32
     tx = optimizer(steps, lr_peak=3e-3)
-    state = jax.jit(functools.partial(probe_lib.init_probe_state, probes, tx, train_x.shape, 0))()
+    state = jax.jit(
+        functools.partial(probe_steps_lib.init_probe_state, probes, tx, train_x.shape, 0)
+    )()
     step = jax.jit(
         functools.partial(
-            probe_lib.probe_train_step,
+            probe_steps_lib.probe_train_step,
             probes=probes,
             tx=tx,
-            featurize=probe_lib._cached_features,
+            featurize=probes_lib._cached_features,
             seed=0,
         )
     )
     for i in range(steps):
         index = np.random.default_rng(i).choice(len(train_y), batch, replace=False)
         state, _ = step(state, None, {"x": train_x[index], "label": train_y[index]})
-    counts = jax.jit(functools.partial(probe_lib.probe_eval_counts, probes=probes, num_classes=4))(
-        state, {"x": test_x, "label": test_y, "mask": np.ones(len(test_y), bool)}
-    )
+    counts = jax.jit(
+        functools.partial(probe_steps_lib.probe_eval_counts, probes=probes, num_classes=4)
+    )(state, {"x": test_x, "label": test_y, "mask": np.ones(len(test_y), bool)})
     for name in PROBES:
-        assert probe_lib.accuracies(counts[name])["top1"] > 95.0, name
+        assert metrics_lib.accuracies(counts[name])["top1"] > 95.0, name
 
 
 def test_in_step_features_equal_cached_features_and_never_train_the_backbone():
@@ -127,22 +135,22 @@ def test_in_step_features_equal_cached_features_and_never_train_the_backbone():
     encoder = build_encoder("vit-7/16", 32, embed_dim=32, depth=1, num_heads=2)
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     params = jax.jit(encoder.init)(jax.random.key(0), images)["params"]
-    features = jax.jit(functools.partial(probe_lib.backbone_features, encoder))(params, images)
+    features = jax.jit(functools.partial(features_lib.backbone_features, encoder))(params, images)
     labels = np.arange(8, dtype=np.int32) % 3
     probes = build_probes(3, ("linear",))
     tx = optimizer(10)
-    state = probe_lib.init_probe_state(probes, tx, features.shape, seed=0)
+    state = probe_steps_lib.init_probe_state(probes, tx, features.shape, seed=0)
 
     def one_step(featurize, backbone_params, x):
         step = functools.partial(
-            probe_lib.probe_train_step, probes=probes, tx=tx, featurize=featurize, seed=0
+            probe_steps_lib.probe_train_step, probes=probes, tx=tx, featurize=featurize, seed=0
         )
         return jax.jit(step)(state, backbone_params, {"x": x, "label": labels})
 
-    in_step = one_step(functools.partial(probe_lib.backbone_features, encoder), params, images)
-    cached = one_step(probe_lib._cached_features, None, features)
+    in_step = one_step(functools.partial(features_lib.backbone_features, encoder), params, images)
+    cached = one_step(probes_lib._cached_features, None, features)
     chex.assert_trees_all_close(in_step, cached, atol=1e-6)
-    grads = jax.jit(jax.grad(lambda p: probe_lib.backbone_features(encoder, p, images).sum()))(
+    grads = jax.jit(jax.grad(lambda p: features_lib.backbone_features(encoder, p, images).sum()))(
         params
     )
     assert all(not np.any(g) for g in jax.tree.leaves(grads))
@@ -166,29 +174,29 @@ def test_metrics_match_hand_computed_values():
     )
     labels = np.array([0, 0, 1, 2, 2, 1], np.int32)
     mask = np.array([1, 1, 1, 1, 1, 0], bool)
-    metrics = probe_lib.classification_metrics(logits, labels, mask, num_classes=7)
+    metrics = metrics_lib.classification_metrics(logits, labels, mask, num_classes=7)
     assert metrics["top1"] == pytest.approx(100 * 2 / 5)
     assert metrics["top5"] == pytest.approx(100 * 4 / 5)
     # Per class: 1/2, 0/1, 1/2, and 0 for each of the four absent classes, over all 7.
     assert metrics["mpc"] == pytest.approx(100 * (0.5 + 0.0 + 0.5) / 7)
 
     halves = [
-        probe_lib.classification_counts(logits[s], labels[s], mask[s], num_classes=7)
+        metrics_lib.classification_counts(logits[s], labels[s], mask[s], num_classes=7)
         for s in (slice(0, 3), slice(3, 6))
     ]
     summed = jax.tree.map(lambda a, b: a + b, *halves)
-    assert probe_lib.accuracies(summed) == pytest.approx(metrics)
+    assert metrics_lib.accuracies(summed) == pytest.approx(metrics)
 
 
 def test_top5_is_capped_at_the_number_of_classes():
     logits = np.array([[3, 2, 1], [1, 2, 3]], np.float32)
-    metrics = probe_lib.classification_metrics(logits, np.array([2, 0]), num_classes=3)
+    metrics = metrics_lib.classification_metrics(logits, np.array([2, 0]), num_classes=3)
     assert metrics == pytest.approx({"top1": 0.0, "top5": 100.0, "mpc": 0.0})
 
 
 def test_all_padding_is_an_error():
     with pytest.raises(ValueError, match="no examples"):
-        probe_lib.classification_metrics(
+        metrics_lib.classification_metrics(
             np.zeros((2, 3)), np.zeros(2, np.int32), np.zeros(2, bool), num_classes=3
         )
 
@@ -202,9 +210,7 @@ def test_knn_is_perfect_on_separated_clusters():
     train_y, test_y = rng.integers(0, 5, 300), rng.integers(0, 5, 101)
     train_x = centres[train_y] + rng.standard_normal((300, 32))
     test_x = centres[test_y] + rng.standard_normal((101, 32))
-    accuracy = probe_lib.knn_accuracy(
-        train_x, train_y, test_x, test_y, num_classes=5, chunk_size=16
-    )
+    accuracy = knn_lib.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=5, chunk_size=16)
     assert float(accuracy) == 100.0
 
 
@@ -214,9 +220,9 @@ def test_knn_weights_neighbours_by_exp_similarity_over_temperature():
     train = np.array([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6], [-1.0, 0.0]])
     train_labels = np.array([1, 0, 0, 0])
     test = np.array([[2.0, 0.0]])  # cosine similarity ignores the norm
-    scores = probe_lib.knn_scores(train, train_labels, test, num_classes=2, k=3, temperature=0.07)
+    scores = knn_lib.knn_scores(train, train_labels, test, num_classes=2, k=3, temperature=0.07)
     np.testing.assert_allclose(scores, [[2 * np.exp(0.8 / 0.07), np.exp(1 / 0.07)]], rtol=1e-5)
-    knn = functools.partial(probe_lib.knn_accuracy, train, train_labels, test, num_classes=2, k=3)
+    knn = functools.partial(knn_lib.knn_accuracy, train, train_labels, test, num_classes=2, k=3)
     assert float(knn(np.array([1]), temperature=0.07)) == 100.0
     assert float(knn(np.array([0]), temperature=1.0)) == 100.0
 
@@ -225,10 +231,10 @@ def test_knn_chunking_and_jit_do_not_change_the_votes():
     rng = np.random.default_rng(1)
     train, test = rng.standard_normal((50, 8)), rng.standard_normal((37, 8))
     labels = rng.integers(0, 4, 50)
-    one_chunk = probe_lib.knn_scores(train, labels, test, num_classes=4, chunk_size=64)
-    chunked = probe_lib.knn_scores(train, labels, test, num_classes=4, chunk_size=8)
+    one_chunk = knn_lib.knn_scores(train, labels, test, num_classes=4, chunk_size=64)
+    chunked = knn_lib.knn_scores(train, labels, test, num_classes=4, chunk_size=8)
     np.testing.assert_allclose(chunked, one_chunk, rtol=1e-6)
-    jitted = jax.jit(functools.partial(probe_lib.knn_accuracy, num_classes=4, k=5))
+    jitted = jax.jit(functools.partial(knn_lib.knn_accuracy, num_classes=4, k=5))
     assert 0.0 <= float(jitted(train, labels, test, rng.integers(0, 4, 37))) <= 100.0
 
 
@@ -257,7 +263,7 @@ HISTORY = [
 
 
 def test_holdout_selects_on_probe_select_with_ties_to_the_later_epoch():
-    result = probe_lib.summarize(
+    result = selection_lib.summarize(
         HISTORY,
         ("linear", "cross", "simple"),
         rule="holdout",
@@ -282,12 +288,12 @@ def test_holdout_selects_on_probe_select_with_ties_to_the_later_epoch():
 
 
 def test_last_and_reference_selection():
-    last = probe_lib.summarize(
+    last = selection_lib.summarize(
         HISTORY, ("cross", "simple"), rule="last", score_split=None, encoder="context"
     )
     assert {p["epoch"] for p in last["probes"].values()} == {3}
     assert last["best"] == "cross"  # no selection split: last-epoch training top-1, 90 > 60
-    reference = probe_lib.summarize(
+    reference = selection_lib.summarize(
         HISTORY, ("cross", "simple"), rule="reference", score_split="test", encoder="context"
     )
     assert reference["probes"]["cross"]["epoch"] == 3 and reference["best"] == "cross"
@@ -295,12 +301,12 @@ def test_last_and_reference_selection():
 
 
 def test_selection_plan_falls_back_to_last_without_a_selection_split():
-    assert probe_lib.selection_plan("holdout", True) == ("holdout", "probe_select")
-    assert probe_lib.selection_plan("holdout", False) == ("last", None)
-    assert probe_lib.selection_plan("last", True) == ("last", "probe_select")
-    assert probe_lib.selection_plan("reference", True) == ("reference", "test")
+    assert selection_lib.selection_plan("holdout", True) == ("holdout", "probe_select")
+    assert selection_lib.selection_plan("holdout", False) == ("last", None)
+    assert selection_lib.selection_plan("last", True) == ("last", "probe_select")
+    assert selection_lib.selection_plan("reference", True) == ("reference", "test")
     with pytest.raises(ValueError, match="unknown selection"):
-        probe_lib.selection_plan("best", True)
+        selection_lib.selection_plan("best", True)
 
 
 def reference_best_of_three(history):
@@ -323,7 +329,7 @@ def test_reference_selection_is_the_reference_best_of_three(seed):
         history_row(epoch, {name: (0, rng.integers(0, 3), 0) for name in ATTENTIVE_PROBES})
         for epoch in range(1, 7)
     ]
-    result = probe_lib.summarize(
+    result = selection_lib.summarize(
         history, ATTENTIVE_PROBES, rule="reference", score_split="test", encoder="context"
     )
     best = result["best"]
@@ -335,7 +341,7 @@ def test_reference_selection_is_the_reference_best_of_three(seed):
 
 def tiny_pretraining_config(**overrides):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import tiny_config
+    from test_loop import tiny_config
 
     return tiny_config(**overrides)
 
@@ -358,8 +364,8 @@ def test_probe_run_end_to_end(pretrained_workdir, caplog):
         probes=("linear", "simple"),
         **{"optim.lr_warmup_epochs": 0.5},
     )
-    with caplog.at_level(logging.WARNING, logger="scott_jax.probe"):
-        results = probe_lib.run_probes(config, pretrained_workdir)
+    with caplog.at_level(logging.WARNING, logger="scott_jax.evaluators.probes"):
+        results = probes_lib.run_probes(config, pretrained_workdir)
     with open(pretrained_workdir / "probe" / "results.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(results))
@@ -379,7 +385,7 @@ def test_probe_run_end_to_end(pretrained_workdir, caplog):
     rows = [json.loads(line) for line in open(pretrained_workdir / "probe" / "metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["step"] == 6  # 100 examples // 16 = 6 steps
     assert {"linear/test/mpc", "simple/probe_select/top1", "simple/train/loss"} <= set(rows[0])
-    table = probe_lib.format_table(results)
+    table = probes_lib.format_table(results)
     assert "linear" in table and "k-NN" in table and "probe_select" in table
 
 
@@ -396,8 +402,8 @@ def test_feature_stats_of_a_run(pretrained_workdir):
 
 
 def test_target_encoder_is_the_ema_copy(pretrained_workdir):
-    context = probe_lib.load_backbone(pretrained_workdir, encoder="context")
-    target = probe_lib.load_backbone(pretrained_workdir, encoder="target")
+    context = backbone_lib.load_backbone(pretrained_workdir, encoder="context")
+    target = backbone_lib.load_backbone(pretrained_workdir, encoder="target")
     assert (context.step, target.step) == (2, 2)
     assert context.encoder == target.encoder and context.encoder.depth == 1
     kernel = ("transformer", "block_0", "attn", "qkv", "kernel")
@@ -412,13 +418,13 @@ def test_random_encoder_is_the_runs_initial_context_encoder(pretrained_workdir):
     from scott_jax import train
     from scott_jax.sharding import make_mesh
 
-    backbone = probe_lib.load_backbone(pretrained_workdir, encoder="random")
+    backbone = backbone_lib.load_backbone(pretrained_workdir, encoder="random")
     assert (backbone.which, backbone.step) == ("random", 0) and backbone.encoder.depth == 1
     config = tiny_pretraining_config()
     trainer = train.build_trainer(config, train.schedule_lengths(config, 1797), make_mesh())
     initial = jax.device_get(trainer.init(jax.random.key(config.seed)).params["context_encoder"])
     chex.assert_trees_all_equal(backbone.params, initial)
-    trained = probe_lib.load_backbone(pretrained_workdir).params
+    trained = backbone_lib.load_backbone(pretrained_workdir).params
     assert not np.array_equal(
         trained["transformer"]["block_0"]["attn"]["qkv"]["kernel"],
         backbone.params["transformer"]["block_0"]["attn"]["qkv"]["kernel"],
@@ -434,22 +440,20 @@ def test_random_encoder_probe_run_is_recorded_as_such(pretrained_workdir):
         probes=("linear",),
         **{"optim.lr_warmup_epochs": 0.5},
     )
-    results = probe_lib.run_probes(config, pretrained_workdir)
+    results = probes_lib.run_probes(config, pretrained_workdir)
     with open(pretrained_workdir / "probe_random" / "results.json") as f:
         saved = json.load(f)
     assert saved["encoder"] == "random" and saved["checkpoint_step"] == 0
     assert saved["probes"]["linear"]["encoder"] == "random"
-    assert "random encoder of step 0" in probe_lib.format_table(results)
+    assert "random encoder of step 0" in probes_lib.format_table(results)
 
 
 def test_missing_workdir_or_checkpoint_is_a_loud_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pretraining run"):
-        probe_lib.load_backbone(tmp_path / "nowhere")
+        backbone_lib.load_backbone(tmp_path / "nowhere")
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        probe_lib.load_backbone(tmp_path)
-    with pytest.raises(ValueError, match="unknown encoder"):
-        probe_lib.load_backbone(tmp_path, encoder="predictor")
+        backbone_lib.load_backbone(tmp_path)
 
 
 def fake_run(workdir, saved_depth, config_depth, with_target=True):
@@ -468,23 +472,24 @@ def fake_run(workdir, saved_depth, config_depth, with_target=True):
 def test_mismatched_checkpoint_is_a_loud_error(tmp_path):
     fake_run(tmp_path, saved_depth=1, config_depth=2)
     with pytest.raises(ValueError, match=r"(?s)step 3 in .*checkpoints.*missing.*block_1"):
-        probe_lib.load_backbone(tmp_path)
+        backbone_lib.load_backbone(tmp_path)
     matching = tmp_path / "matching"
     fake_run(matching, saved_depth=1, config_depth=1, with_target=False)
-    assert probe_lib.load_backbone(matching).encoder.depth == 1
+    assert backbone_lib.load_backbone(matching).encoder.depth == 1
     with pytest.raises(ValueError, match="has no target_params"):
-        probe_lib.load_backbone(matching, encoder="target")
+        backbone_lib.load_backbone(matching, encoder="target")
+    with pytest.raises(ValueError, match=r"a mim_jepa run has no 'predictor' encoder"):
+        backbone_lib.load_backbone(matching, encoder="predictor")
 
 
 def test_config_errors():
     for overrides, message in [
-        ({"encoder": "predictor"}, "config.encoder"),
         ({"selection": "best"}, "config.selection"),
         ({"num_epochs": 10}, "lr_warmup_epochs"),
         ({"selection": "reference", "labels_per_class": 5}, "labels_per_class"),
     ]:
         with pytest.raises(ValueError, match=message):
-            probe_lib._check_config(probe_config(**{"optim.lr_warmup_epochs": 20.0, **overrides}))
+            probes_lib._check_config(probe_config(**{"optim.lr_warmup_epochs": 20.0, **overrides}))
 
 
 def test_cli_reports_a_missing_workdir(tmp_path):
@@ -511,9 +516,9 @@ def test_sources_per_selection_rule():
 
     settings = {"dataset": "digits", "data_dir": None}
     sizes = {p: load_source("digits", p).num_examples for p in ("probe_train", "probe_select")}
-    train, evals = probe_lib._load_sources(probe_config(), settings, "holdout", "probe_select")
+    train, evals = probes_lib._load_sources(probe_config(), settings, "holdout", "probe_select")
     assert train.num_examples == sizes["probe_train"] and set(evals) == {"test", "probe_select"}
-    train, evals = probe_lib._load_sources(probe_config(), settings, "reference", "test")
+    train, evals = probes_lib._load_sources(probe_config(), settings, "reference", "test")
     assert train.num_examples == sum(sizes.values()) and set(evals) == {"test"}
 
 
@@ -524,11 +529,11 @@ def test_training_streams():
     source = load_source("digits", "probe_train", labels_per_class=10)  # 100 examples
     settings = {"batch_size": 16, "crop_scale": (0.2, 1.0), "aug": "none"}
     encoder = build_encoder("scott-3/16", 64, embed_dim=32, depth=1, num_heads=2)
-    augmented = probe_lib._train_data(probe_config(), settings, encoder, source, None)
+    augmented = probes_lib._train_data(probe_config(), settings, encoder, source, None)
     batch = next(augmented.epoch_batches(1))
     assert augmented.steps_per_epoch == 6 and batch["x"].shape == (16, 64, 64, 3)
     cache = (np.arange(100, dtype=np.float32)[:, None, None], source.labels)
-    cached = probe_lib._train_data(probe_config(augment=False), settings, encoder, source, cache)
+    cached = probes_lib._train_data(probe_config(augment=False), settings, encoder, source, cache)
     seen = np.concatenate([b["x"][:, 0, 0] for b in cached.epoch_batches(1)])
     assert seen.shape == (96,) and len(set(seen)) == 96  # 6 full batches, no repeats
     again = np.concatenate([b["x"][:, 0, 0] for b in cached.epoch_batches(1)])
