@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 6's accelerator numbers in one call of the `device` tool (a lent H100 / H200).
+# The GPU speed and memory numbers (docs/performance.md, GPU) in one call of the `device` tool (a lent H100 / H200).
 #
 # The device image has jax, flax, optax, orbax-checkpoint and chex but no ml_collections,
 # which the configs need; it cannot download. Prepare here once (.whl/ is git-ignored):

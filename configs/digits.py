@@ -3,7 +3,7 @@
     python launch.py --config configs/digits.py --workdir runs/digits
 
 A small SCOTT (depth 3, width 128) at 64 px (a 4x4 patch grid, 7 of 16 patches kept), so it
-trains on a laptop CPU in minutes. Used by the tests and by the README's digits results.
+trains on a laptop CPU in minutes. Used by the tests and by docs/results.md (Evidence on digits).
 """
 
 from configs import common, mim_jepa

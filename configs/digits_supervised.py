@@ -9,7 +9,7 @@ class: 100, one step per epoch), digits.py's augmentations, a linear head on the
 patch features; scored on test (539), epochs chosen on probe_select (250). With 10 labels per
 class an evaluation (789 images) costs more than an epoch, hence eval_every_epochs=20 there.
 Measured (10 per class, on a 2-core CPU shared with other jobs: about 45 minutes): see the
-README's digits table.
+digits table in docs/results.md.
 """
 
 from configs import common, digits, supervised

@@ -69,6 +69,71 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
         stop.set()  # the consumer is gone (closed or failed): let the producer end
 
 
+class StepMetrics:
+    """The metrics of the steps since the last flush: fetched from the device together (no
+    sync per step), checked (a non-finite loss stops the run), averaged, written and shown."""
+
+    def __init__(self, writer, *, batch_size, total_steps, last_step, start_step, keys):
+        self.writer, self.batch_size, self.keys = writer, batch_size, keys
+        self.total_steps, self.last_step = total_steps, last_step
+        self.pending: list[tuple[int, dict]] = []
+        self.timer = (time.perf_counter(), start_step)
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, step: int, last_good: str) -> None:
+        """`last_good` names the last checkpoint for the message of a non-finite loss."""
+        if not self.pending:
+            return
+        rows = jax.device_get([m for _, m in self.pending])
+        for (s, _), row in zip(self.pending, rows, strict=True):
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(
+                    f"the loss became {row['loss']} at step {s}; stopping without saving. The "
+                    f"last good checkpoint is {last_good}. Try a lower config.optim.lr_peak or "
+                    "config.compute_dtype='float32'."
+                )
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+        now = time.perf_counter()
+        images_per_sec = (step - self.timer[1]) * self.batch_size / max(now - self.timer[0], 1e-9)
+        seconds_left = (self.last_step - step) * self.batch_size / max(images_per_sec, 1e-9)
+        mean["images_per_sec"] = images_per_sec
+        if self.writer is not None:
+            self.writer.write(step, mean)
+        shown = {k: mean[k] for k in self.keys}
+        log_progress(step, self.total_steps, images_per_sec, seconds_left, shown)
+        self.pending, self.timer = [], (now, step)
+
+
+def initial_state(trainer, checkpointer: Checkpointer, seed: int):
+    """The latest checkpoint's state (placed like `trainer.init`'s), or a fresh one."""
+    rng = jax.random.key(seed)
+    if checkpointer.latest_step() is None:
+        return trainer.init(rng)
+    state = checkpointer.restore(jax.eval_shape(trainer.init, rng))
+    log.info("Resumed from step %d.", int(state.step))
+    return state
+
+
+def input_stream(config: ml_collections.ConfigDict, source, start_step: int) -> Iterator[dict]:
+    """This process's slice of the batches from `start_step` on (a pure function of the step)."""
+    from scott_jax.data import pretrain_batches  # TensorFlow only where data is read
+
+    return pretrain_batches(
+        source,
+        batch_size=config.batch_size,
+        img_size=config.img_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        crop_scale=tuple(config.data.crop_scale),
+        aug=config.data.aug,
+        color_on_device=config.data.color_on_device,
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -80,8 +145,6 @@ def train_and_evaluate(
     stop_at_step: end this run (with a checkpoint) after that many total steps, as a
     preemption would; re-running the same call continues from there.
     """
-    from scott_jax.data import pretrain_batches  # TensorFlow only where data is read
-
     method = methods.of(config)
     method.check_config(config)
     workdir = os.fspath(workdir)
@@ -99,71 +162,34 @@ def train_and_evaluate(
         max_to_keep=config.keep_checkpoints,
         save_interval_steps=config.checkpoint_every_steps,
     )
-    rng = jax.random.key(config.seed)
-    if checkpointer.latest_step() is None:
-        state = trainer.init(rng)
-        log.info(
-            "%s from scratch on %d %s examples: %d steps (%d per epoch).",
-            method.NAME,
-            source.num_examples,
-            config.data.name,
-            total_steps,
-            lengths.steps_per_epoch,
-        )
-    else:
-        state = checkpointer.restore(jax.eval_shape(trainer.init, rng))
-        log.info("Resumed from step %d of %d.", int(state.step), total_steps)
+    state = initial_state(trainer, checkpointer, config.seed)
     start_step = int(state.step)
-
-    local_batches = pretrain_batches(
-        source,
-        batch_size=config.batch_size,
-        img_size=config.img_size,
-        seed=config.seed,
-        start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        crop_scale=tuple(config.data.crop_scale),
-        aug=config.data.aug,
-        color_on_device=config.data.color_on_device,
+    log.info(
+        "%s on %d %s examples: step %d of %d (%d per epoch).",
+        method.NAME,
+        source.num_examples,
+        config.data.name,
+        start_step,
+        total_steps,
+        lengths.steps_per_epoch,
     )
-    batches = prefetch(trainer.add_masks(local_batches, start_step))
+    batches = prefetch(trainer.add_masks(input_stream(config, source, start_step), start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
     if writer is not None:
         writer.write(start_step, {"data/skipped_files": len(source.skipped_files)})
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    pending: list[tuple[int, dict]] = []
+    metrics_log = StepMetrics(
+        writer,
+        batch_size=config.batch_size,
+        total_steps=total_steps,
+        last_step=last_step,
+        start_step=start_step,
+        keys=trainer.progress_keys,
+    )
     last_saved = start_step if checkpointer.latest_step() is not None else None
-    timer = (time.perf_counter(), start_step)
 
     def flush(step: int) -> None:
-        """Fetches the metrics of the steps since the last flush; a non-finite loss stops."""
-        nonlocal pending, timer
-        if not pending:
-            return
-        rows = jax.device_get([m for _, m in pending])
-        for (s, _), row in zip(pending, rows, strict=True):
-            if not np.isfinite(row["loss"]):
-                raise FloatingPointError(
-                    f"the loss became {row['loss']} at step {s}; stopping without saving. The "
-                    f"last good checkpoint is step {last_saved} in {workdir}/checkpoints. Try a "
-                    f"lower config.optim.lr_peak or config.compute_dtype='float32'."
-                )
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
-        now = time.perf_counter()
-        images_per_sec = (step - timer[1]) * config.batch_size / max(now - timer[0], 1e-9)
-        seconds_left = (last_step - step) * config.batch_size / max(images_per_sec, 1e-9)
-        mean["images_per_sec"] = images_per_sec
-        if writer is not None:
-            writer.write(step, mean)
-        log_progress(
-            step,
-            total_steps,
-            images_per_sec,
-            seconds_left,
-            {k: mean[k] for k in trainer.progress_keys},
-        )
-        pending, timer = [], (now, step)
+        metrics_log.flush(step, f"step {last_saved} in {workdir}/checkpoints")
 
     def save(step: int, force: bool) -> None:
         nonlocal last_saved
@@ -178,7 +204,7 @@ def train_and_evaluate(
                 batch = to_global(next(batches), trainer.data_sharding)
                 state, metrics = trainer.step(state, batch)
                 step += 1
-                pending.append((step, metrics))
+                metrics_log.add(step, metrics)
                 if step % config.log_every_steps == 0:
                     flush(step)
                 for evaluator in trainer.evaluators:

@@ -1,10 +1,10 @@
 """AdamW with the reference's per-step LR / WD schedules, the EMA schedule and the EMA update.
 
-Step counting (SPEC §6.5, §10.18): optimizer steps are numbered k = 1..T and step k uses
-LR f(k) and WD g(k); the EMA update after step k uses m(k), so the last one has m = 1.0.
-optax calls a schedule with its 0-based update `count`, so every schedule here returns the
-value for k = count + 1. All schedules are pure functions of the step (no state to
-fast-forward on resume), traceable under `jax.jit`, and return float32.
+Step counting (official `src/schedulers.py`; docs/design.md, Step counting): optimizer steps
+are numbered k = 1..T and step k uses LR f(k) and WD g(k); the EMA update after step k uses
+m(k), so the last one has m = 1.0. optax calls a schedule with its 0-based update `count`, so
+every schedule here returns the value for k = count + 1. All schedules are pure functions of
+the step (no state to fast-forward on resume), traceable under `jax.jit`, and return float32.
 
 `make(config.optim, lengths)` builds a run's optax transform and the same schedules for
 logging and the EMA; `run_lengths` is the one place where epochs become steps.
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import optax
 
 #: `kind` values of `ema_schedule`: the reference's `training.ema_schedule` config key, and
-#: I-JEPA's linear schedule whose first update uses i = 0 (SPEC §9.4, §10.18).
+#: I-JEPA's linear schedule whose first update uses i = 0 (ijepa `src/helper.py`).
 EMA_KINDS = ("linear", "cosine", "linear_from_zero")
-#: `kind` values of `wd_schedule`: the reference's linear one, I-JEPA's cosine one (SPEC §9.4).
+#: `kind` values of `wd_schedule`: the reference's linear one, I-JEPA's cosine one.
 WD_KINDS = ("linear", "cosine")
 
 
@@ -59,7 +59,8 @@ def lr_schedule(
     lr_final: float,
     flat_pctg: float,
 ) -> optax.Schedule:
-    """The explore–exploit LR f(count + 1): linear warmup → flat → cosine (SPEC §6.5).
+    """The explore–exploit LR f(count + 1): linear warmup → flat → cosine (official
+    `get_warmup_flat_cosine_scheduler`).
 
     With W = warmup_steps, S = T − W, Fl = int(S·flat_pctg) and C = S − Fl, step k uses
     - k < W: lr_start + (k/W)·(lr_peak − lr_start), so step 1 already exceeds lr_start;
@@ -92,11 +93,12 @@ def lr_schedule(
 def wd_schedule(
     total_steps: int, wd_start: float, wd_final: float, kind: str = "linear"
 ) -> optax.Schedule:
-    """Weight decay g(count + 1) = wd_start + (k/T)·(wd_final − wd_start) (SPEC §6.5).
+    """Weight decay g(count + 1) = wd_start + (k/T)·(wd_final − wd_start) (official).
 
     It starts one step above wd_start and reaches wd_final at the last step k = T.
-    `kind='cosine'` is I-JEPA's `CosineWDSchedule` (SPEC §9.4): the half-cosine from
-    wd_start to wd_final over progress k/T, also stepped before the update it applies to.
+    `kind='cosine'` is I-JEPA's `CosineWDSchedule` (ijepa `src/utils/schedulers.py`): the
+    half-cosine from wd_start to wd_final over progress k/T, also stepped before the update it
+    applies to.
     """
     _check_total_steps(total_steps)
     if kind == "linear":
@@ -109,14 +111,14 @@ def wd_schedule(
 def ema_schedule(
     total_steps: int, ema_start: float, ema_final: float, kind: str = "linear"
 ) -> optax.Schedule:
-    """EMA momentum m(count + 1) for the target-encoder update after step k (SPEC §6.6).
+    """EMA momentum m(count + 1) for the target-encoder update after step k (official).
 
     `kind='linear'` (the reference config): ema_start + (k/T)·(ema_final − ema_start), so the
     first update already uses k = 1 (the reference's scheduler is never reset) and the
     last one uses ema_final exactly. `kind='cosine'` is the reference's alternative
     `CosineScheduler` over progress k/T. `kind='linear_from_zero'` is I-JEPA's momentum
     scheduler, ema_start + (i/T)·(ema_final − ema_start) with i = count = k − 1, so the
-    first update uses ema_start and the last one stays just below ema_final (SPEC §9.4).
+    first update uses ema_start and the last one stays just below ema_final (ijepa `src/train.py`).
     """
     _check_total_steps(total_steps)
     if kind == "linear":
@@ -129,7 +131,8 @@ def ema_schedule(
 
 
 def decay_mask(params: chex.ArrayTree) -> chex.ArrayTree:
-    """Pytree of bools over `params`, True where weight decay applies (SPEC §6.4, §10.17).
+    """Pytree of bools over `params`, True where weight decay applies (official
+    `src/optimizer.py`; docs/design.md, Weight decay).
 
     The reference's rule on parameter names: no decay if the name contains "bias" or the
     tensor is 1-D. Here a leaf is not decayed if its key path contains "bias" or its
@@ -163,7 +166,7 @@ def make_optimizer(
     eps: float = 1e-8,
     wd_kind: str = "linear",
 ) -> optax.GradientTransformation:
-    """torch AdamW with scheduled LR and WD: p ← p − lr_k·wd_k·p·mask − lr_k·adam_k (SPEC §6.4).
+    """torch AdamW with scheduled LR and WD: p ← p − lr_k·wd_k·p·mask − lr_k·adam_k (official).
 
     adam_k = m̂/(√v̂ + eps) with bias-corrected moments, as torch computes it. The decoupled
     decay is added to the Adam direction before the LR scaling, so both are multiplied by
@@ -186,7 +189,7 @@ def make_optimizer(
 def ema_update(
     target_params: chex.ArrayTree, online_params: chex.ArrayTree, momentum: chex.Numeric
 ) -> chex.ArrayTree:
-    """θ̄ ← m·θ̄ + (1 − m)·θ over matching pytrees (SPEC §6.2 step 7, §6.6).
+    """θ̄ ← m·θ̄ + (1 − m)·θ over matching pytrees (official `src/mimjepa.py`).
 
     `momentum` is a scalar (Python float or traced array); the target keeps its dtypes.
     """

@@ -61,7 +61,7 @@ def optimizer(total_steps, lr_peak=5e-4):
 
 
 def test_probe_parameter_counts_match_the_reference():
-    """SPEC §8.2: trainable parameters at D = 384, C = 102 (linear: §8.3, avg-pool LN linear)."""
+    """Trainable parameters at D = 384, C = 102 (official classifiers; linear: paper App. E)."""
     expected = {"simple": 39_655, "multi": 338_026, "cross": 1_811_430, "linear": 40_038}
     features = jax.ShapeDtypeStruct((2, 196, 384), jnp.float32)
     for name, probe in build_probes(102).items():
@@ -70,7 +70,8 @@ def test_probe_parameter_counts_match_the_reference():
 
 
 def test_cross_attentive_init_follows_the_reference():
-    """Normal(0.02) query and kernels, zero classifier bias, LayerNorms 1/0 (SPEC §8.2)."""
+    """Normal(0.02) query and kernels, zero classifier bias, LayerNorms 1/0 (as the official
+    classifiers)."""
     probe = build_probes(102, ("cross",))["cross"]
     params = jax.jit(probe.init)(jax.random.key(0), jnp.zeros((1, 16, 384)))["params"]
     np.testing.assert_allclose(np.std(params["kv"]["kernel"]), 0.02, rtol=0.02)
@@ -349,10 +350,10 @@ def tiny_pretraining_config(**overrides):
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory):
     """Two MIM-JEPA steps of the tiny digits model (width 32, depth 1, 64 px, batch 16)."""
-    from scott_jax import train
+    from scott_jax import loop
 
     workdir = tmp_path_factory.mktemp("pretrained")
-    train.train_and_evaluate(tiny_pretraining_config(), str(workdir), stop_at_step=2)
+    loop.train_and_evaluate(tiny_pretraining_config(), str(workdir), stop_at_step=2)
     return workdir
 
 
@@ -415,13 +416,15 @@ def test_target_encoder_is_the_ema_copy(pretrained_workdir):
 
 def test_random_encoder_is_the_runs_initial_context_encoder(pretrained_workdir):
     """The random-init baseline: the run's architecture with the weights of its step 0."""
-    from scott_jax import train
+    from scott_jax import optim
+    from scott_jax.methods import mim_jepa
     from scott_jax.sharding import make_mesh
 
     backbone = backbone_lib.load_backbone(pretrained_workdir, encoder="random")
     assert (backbone.which, backbone.step) == ("random", 0) and backbone.encoder.depth == 1
     config = tiny_pretraining_config()
-    trainer = train.build_trainer(config, train.schedule_lengths(config, 1797), make_mesh())
+    lengths = optim.run_lengths(1797, config.batch_size, 1, 0)
+    trainer = mim_jepa.build_trainer(config, lengths, make_mesh(), source=None)
     initial = jax.device_get(trainer.init(jax.random.key(config.seed)).params["context_encoder"])
     chex.assert_trees_all_equal(backbone.params, initial)
     trained = backbone_lib.load_backbone(pretrained_workdir).params
@@ -531,7 +534,7 @@ def test_training_streams():
     encoder = build_encoder("scott-3/16", 64, embed_dim=32, depth=1, num_heads=2)
     augmented = probes_lib._train_data(probe_config(), settings, encoder, source, None)
     batch = next(augmented.epoch_batches(1))
-    assert augmented.steps_per_epoch == 6 and batch["x"].shape == (16, 64, 64, 3)
+    assert augmented.lengths.steps_per_epoch == 6 and batch["x"].shape == (16, 64, 64, 3)
     cache = (np.arange(100, dtype=np.float32)[:, None, None], source.labels)
     cached = probes_lib._train_data(probe_config(augment=False), settings, encoder, source, cache)
     seen = np.concatenate([b["x"][:, 0, 0] for b in cached.epoch_batches(1)])

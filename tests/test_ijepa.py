@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_loop import build_trainer, load_config, tiny_config
+from test_loop import build_trainer, config_module, load_config, tiny_config
 
 from scott_jax import loop, objectives, optim
 from scott_jax import masking_multiblock as mb
@@ -87,8 +87,9 @@ def test_reachable_sizes_cover_every_sampled_size():
 
 
 def test_upstream_flags_reproduce_the_collator_quirks():
-    """SPEC §9.1 at 14x14: targets only 5x6, 6x5, 6x6, 7x5, 8x5; context always rows and
-    columns 0-12 (the last row and column never used); contexts cut to the batch minimum."""
+    """The official collator (ijepa `src/masks/multiblock.py`) at 14x14: targets only 5x6, 6x5,
+    6x6, 7x5, 8x5; context always rows and columns 0-12 (the last row and column never used);
+    contexts cut to the batch minimum."""
     upstream = mb.MultiBlockSpec(grid=14, **UPSTREAM)
     last_line = {n for n in range(196) if n // 14 == 13 or n % 14 == 13}
     for masks in draws(upstream):
@@ -256,7 +257,10 @@ def test_ijepa_schedules_follow_the_official_code():
 
 def tiny_ijepa_config(**overrides):
     """A ViT at 64 px with 8 px patches (8x8 grid), width 32, 1 block each, min_keep 3."""
-    config = tiny_config(**{"method": "ijepa", "variant": "vit-7/16", **overrides})
+    digits = config_module("digits").dataset(config_module("common").get_config())
+    config = tiny_config(
+        config_module("ijepa").apply(digits), **{"variant": "vit-7/16", **overrides}
+    )
     config.model.patch_size = 8
     config.ijepa.min_keep = 3
     config.ijepa.target_scale = (0.1, 0.3)  # 9-20 patches: sizes vary over the first steps
@@ -325,9 +329,8 @@ def test_step_trains_both_parts_and_the_probe():
 
 
 def test_configs_select_ijepa():
-    config = load_config("flowers")
-    config.method = "ijepa"
-    encoder, predictor = ijepa.build_models(config)
+    flowers = config_module("flowers").dataset(config_module("common").get_config())
+    encoder, predictor = ijepa.build_models(config_module("ijepa").apply(flowers))
     assert isinstance(encoder, models.Encoder) and encoder.tokenizer == "scott"
     assert (predictor.embed_dim, predictor.depth) == (384, 6)
     config = load_config("flowers_ijepa")

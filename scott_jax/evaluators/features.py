@@ -16,7 +16,7 @@ from scott_jax.sharding import make_mesh, to_global
 
 
 def backbone_features(encoder: nn.Module, params, images: jax.Array) -> jax.Array:
-    """images [B, S, S, 3] -> frozen, LayerNorm'd patch features [B, N, D] (SPEC §8.1).
+    """images [B, S, S, 3] -> frozen, LayerNorm'd patch features [B, N, D] (official `src/eval.py`).
 
     No keep-mask, deterministic (no dropout or drop-path), non-affine LayerNorm over D
     (eps 1e-5) as before every reference probe, and `stop_gradient`: called inside a probe's

@@ -31,7 +31,7 @@ def knn_scores(
     train_features [N, D], train_labels int [N], test_features [M, D]. Every test example takes
     its k most cosine-similar training examples (k capped at N) and gives each neighbour's class
     the vote exp(similarity / temperature), so closer neighbours count more than in a majority
-    vote (SPEC §8 does not define a k-NN; k = 20, T = 0.07 are DINO's settings). The votes can
+    vote (the official evaluation has no k-NN; k = 20, T = 0.07 are DINO's settings). The votes can
     be scored like logits (`classification_counts`). Test rows are processed `chunk_size` at a
     time (`lax.map`), so memory is chunk_size × N similarities, whatever M is: ImageNet-100
     (117k × 5k) takes seconds on one GPU, cheap enough for an online metric.

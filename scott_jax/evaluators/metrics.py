@@ -40,10 +40,11 @@ def classification_counts(
 
 
 def accuracies(counts: Mapping[str, jax.Array]) -> dict[str, float]:
-    """top1, top5 and mean-per-class accuracy in % from `classification_counts` sums (SPEC §8.4).
+    """top1, top5 and mean-per-class accuracy in % from `classification_counts` sums (official
+    `src/metrics.py`).
 
     mpc = 100 · mean over **all** C classes of top1_c / count_c, where a class without examples
-    counts as 0 (the reference's `MeanPerClassAccuracy`, SPEC §10.14), so it is comparable with
+    counts as 0 (the reference's `MeanPerClassAccuracy`), so it is comparable with
     the paper's numbers even on a split that misses classes.
     """
     count = np.asarray(counts["count"], np.float64)

@@ -38,7 +38,7 @@ def probe_train_step(
     featurize: Callable,
     seed: int,
 ) -> tuple[dict, dict[str, jax.Array]]:
-    """One update of every probe on the same batch (SPEC §8.1); returns (state, metrics).
+    """One update of every probe on the same batch (official `src/eval.py`): (state, metrics).
 
     batch: 'x' and 'label' int [B]. `featurize(backbone_params, x)` gives the LayerNorm'd
     features [B, N, D]: `backbone_features` on images (the in-step path, under stop_gradient)

@@ -162,7 +162,7 @@ def _train_data(config, settings, encoder: nn.Module, source, cache) -> TrainDat
     )
     steps = lengths.steps_per_epoch
     if config.augment:
-        # One view of the pretraining transform: the stream's context view (SPEC §8.1).
+        # One view of the pretraining transform: the stream's context view (official `src/eval.py`).
         stream = pretrain_batches(
             source,
             batch_size=batch_size,
@@ -311,7 +311,7 @@ def _load_sources(config, settings: Mapping, rule: str, score_split: str | None)
     train = load("probe_train", labels_per_class=config.labels_per_class)
     evals = {"test": load("test")}
     if rule == "reference":
-        # The reference's probe set is probe_train + probe_select (SPEC §7.3).
+        # The reference's probe set is probe_train + probe_select (docs/design.md, Data splits).
         select = load("probe_select")
         train = Source(
             train.name,
@@ -332,7 +332,8 @@ def _local_rows(batch_size: int) -> tuple[int, int]:
 
 
 def _extract_split(encoder, params, batch_size: int, mesh, source, *, pool: bool):
-    """`extract_features` of a whole source under the eval transform (SPEC §7.2)."""
+    """`extract_features` of a whole source under the eval transform (official
+    `src/data/transforms.py`)."""
     from scott_jax.data import eval_batches
 
     batches = eval_batches(

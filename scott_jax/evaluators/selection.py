@@ -35,7 +35,7 @@ def selection_plan(rule: str, has_select_split: bool) -> tuple[str, str | None]:
 
     'holdout' ranks on 'probe_select', or becomes 'last' without one; 'last' still uses
     'probe_select' (if any) to pick the best probe, else the probes' last-epoch training
-    top-1; 'reference' ranks on 'test' (the reference's protocol, SPEC §10.11).
+    top-1; 'reference' ranks on 'test' (the reference's protocol; docs/deviations.md).
     """
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown selection {rule!r}; expected one of {SELECTION_RULES}")
@@ -74,7 +74,7 @@ def summarize(
     score that chose it ('select_top1', on `score_split`, or the training top-1 when there is
     none). 'best' is the attentive probe with the highest score, ties to the later epoch, then
     the order multi, cross, simple: with rule 'reference' that is exactly the reference's
-    best-of-three (SPEC §8.1), the number the paper reports as "attentive".
+    best-of-three (official `src/eval.py`), the number the paper reports as "attentive".
     """
     score_key = "{}/" + (score_split or "train") + "/top1"
     entries = {}
@@ -101,7 +101,7 @@ def selection_note(rule: str, score_split: str | None, dataset: str) -> str:
     if rule == "reference":
         note = (
             "the paper's protocol: epochs and the best probe are chosen on the test split, so "
-            "these test numbers are optimistically biased (SPEC §10.11); use them only to "
+            "these test numbers are optimistically biased (docs/deviations.md); use them only to "
             "compare with the paper"
         )
         if dataset == "oxford_flowers102":

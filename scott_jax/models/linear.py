@@ -7,7 +7,7 @@ element-wise code producing the gradient (LayerNorm and residual backward, the c
 stem's scatter/ReLU backward), which then runs 3-10x slower in transposed order.
 Flattening to [M, I] first makes the weight gradient a plain `x2ᵀ @ g2` that the matmul
 library reads without a copy: same numbers, and the 224 px pretraining step on CPU ~12 %
-faster (benchmarks/README.md). Reshapes of contiguous leading axes are free.
+faster (docs/performance.md). Reshapes of contiguous leading axes are free.
 """
 
 import jax

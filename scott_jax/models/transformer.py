@@ -102,7 +102,7 @@ class Attention(nn.Module):
     [B·N, D] before the projection. Contracting the kernels in head-split form instead
     ([D, 3, H, d], [H, d, D]) makes their gradients contract batch and token axes at
     once, which XLA:CPU serves with transposes fused into the gradients' producers: 5-10 %
-    slower steps (benchmarks/README.md). `queries` [B, M] (token indices) computes only
+    slower steps (docs/performance.md). `queries` [B, M] (token indices) computes only
     those rows of the output, [B, M, D]: keys and values still come from all N tokens, so
     each row equals the full output's.
     """
