@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from scott_jax import masking, train
+from scott_jax import masking, optim
+from scott_jax.methods import mim_jepa
 from scott_jax.models import build_encoder
 from scott_jax.models.tokenizers import max_pool_2x2
 from scott_jax.sharding import make_mesh
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # for `configs`
 from configs import common
+from configs import mim_jepa as config_mim_jepa
 
 
 def test_max_pool_matches_reduce_window_forward_and_gradient():
@@ -78,13 +80,13 @@ def digits_losses(compute_dtype: str, steps: int, batch: int = 16, img_size: int
     """MIM-JEPA losses of a tiny SCOTT on scikit-learn digits (8x8 -> 32 px), one device."""
     from sklearn.datasets import load_digits
 
-    config = common.get_config()
+    config = config_mim_jepa.apply(common.get_config())
     config.variant, config.img_size, config.batch_size = "scott-3/16", img_size, batch
     config.model.embed_dim, config.model.depth, config.model.num_heads = 32, 1, 2
     config.predictor.depth = 1
     config.compute_dtype = compute_dtype
-    lengths = dict(steps_per_epoch=steps, total_steps=steps, warmup_steps=steps // 10)
-    trainer = train.build_trainer(config, lengths, make_mesh(jax.devices()[:1]))
+    lengths = optim.RunLengths(steps, steps, steps // 10)
+    trainer = mim_jepa.build_trainer(config, lengths, make_mesh(jax.devices()[:1]), source=None)
     images = load_digits().images.astype(np.float32) / 8.0 - 1.0
     scale = img_size // 8
     images = np.repeat(np.repeat(images, scale, 1), scale, 2)[..., None].repeat(3, -1)
@@ -92,7 +94,7 @@ def digits_losses(compute_dtype: str, steps: int, batch: int = 16, img_size: int
     losses = []
     for step in range(steps):
         x = images[np.random.default_rng(step).choice(len(images), batch, replace=False)]
-        keep = masking.keep_masks(0, step, batch, trainer.grid_size, 0.6).astype(np.int32)
+        keep = masking.keep_masks(0, step, batch, img_size // 16, 0.6).astype(np.int32)
         state, metrics = trainer.step(state, {"context": x, "target": x, "keep_mask": keep})
         losses.append(metrics["loss"])
     return np.asarray(jax.device_get(losses), np.float64)
