@@ -246,11 +246,33 @@ def run_lengths(
 
 
 class Optimizer(NamedTuple):
-    """The optax transform of a run and `schedules(count) -> {'lr', 'wd'[, 'ema']}`, the
-    values that the update with optax count `count` uses (for logging and the EMA)."""
+    """The optax transform of a run and `schedules(count) -> {'lr', 'wd'[, 'ema'][, 'lr_<group>']}`,
+    the values that the update with optax count `count` uses (for logging and the EMA)."""
 
     tx: optax.GradientTransformation
     schedules: Callable[[chex.Numeric], dict[str, jax.Array]]
+
+
+class ConstantGroup(NamedTuple):
+    """Parameters trained with a constant LR and WD beside the scheduled ones (MOCA's weight
+    generators, official `main_pretrain.initialize_optimizer`). `members(params)` -> a pytree
+    of bools over params, True for the group's leaves; the decay mask still applies."""
+
+    name: str
+    members: Callable[[chex.ArrayTree], chex.ArrayTree]
+    lr: float
+    wd: float
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch's `clip_grad_norm_`: g·min(1, max_norm / (‖g‖ + 1e-6)) over the whole tree."""
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make(
@@ -259,36 +281,56 @@ def make(
     *,
     wd_kind: str = "linear",
     ema_kind: str | None = None,
+    first_step: int = 1,
+    lr_decay_steps: int | None = None,
+    clip_norm: float | None = None,
+    constant_group: ConstantGroup | None = None,
 ) -> Optimizer:
     """AdamW and its schedules from a config's `optim` block and the run's lengths.
 
     `optim_config` has lr_start / lr_peak / lr_final / lr_flat_pctg, wd_start / wd_final, b1,
     b2, eps and, when `ema_kind` is given, ema_start / ema_final (configs/common.py names).
-    Unknown schedule kinds fail here, before anything is compiled.
+    Unknown schedule kinds fail here, before anything is compiled; `wd_kind` picks the WD
+    schedule, `ema_kind` the EMA's. MOCA's recipe (official
+    `util/misc.py`, `compute_lr`, `adjust_weight_decay`) needs the rest: `first_step=0`
+    evaluates the LR and WD at k = count (its e = t / ipe with a 0-based t, so the first LR
+    is 0) instead of count + 1 (the EMA keeps count + 1, its update coming after the step);
+    `lr_decay_steps` ends the cosine there instead of at the last step (the code stops
+    training before the LR reaches 0); `clip_norm` clips the global gradient norm of all
+    parameters first; `constant_group` trains some parameters with their own constant LR / WD.
     """
     o = optim_config
-    kwargs = dict(
-        total_steps=lengths.total_steps,
-        warmup_steps=lengths.warmup_steps,
-        lr_start=o["lr_start"],
-        lr_peak=o["lr_peak"],
-        lr_final=o["lr_final"],
-        flat_pctg=o["lr_flat_pctg"],
-        wd_start=o["wd_start"],
-        wd_final=o["wd_final"],
+    if first_step not in (0, 1):
+        raise ValueError(f"first_step must be 0 or 1, got {first_step}")
+    shift = 1 - first_step
+    lr = lr_schedule(
+        lr_decay_steps or lengths.total_steps,
+        lengths.warmup_steps,
+        o["lr_start"],
+        o["lr_peak"],
+        o["lr_final"],
+        o["lr_flat_pctg"],
     )
-    tx = make_optimizer(**kwargs, b1=o["b1"], b2=o["b2"], eps=o["eps"], wd_kind=wd_kind)
-    schedules = {
-        "lr": lr_schedule(
-            lengths.total_steps,
-            lengths.warmup_steps,
-            o["lr_start"],
-            o["lr_peak"],
-            o["lr_final"],
-            o["lr_flat_pctg"],
-        ),
-        "wd": wd_schedule(lengths.total_steps, o["wd_start"], o["wd_final"], wd_kind),
-    }
+    wd = wd_schedule(lengths.total_steps, o["wd_start"], o["wd_final"], wd_kind)
+    schedules = {"lr": lambda count: lr(count - shift), "wd": lambda count: wd(count - shift)}
+
+    def adamw(lr, wd) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.scale_by_adam(b1=o["b1"], b2=o["b2"], eps=o["eps"]),
+            optax.add_decayed_weights(wd, mask=decay_mask),
+            optax.scale_by_learning_rate(lr),
+        )
+
+    tx = adamw(schedules["lr"], schedules["wd"])
+    if constant_group is not None:
+        g = constant_group
+        tx = optax.multi_transform(
+            {"scheduled": tx, g.name: adamw(g.lr, g.wd)},
+            lambda params: jax.tree.map(lambda m: g.name if m else "scheduled", g.members(params)),
+        )
+        schedules[f"lr_{g.name}"] = lambda count: jnp.full((), g.lr, jnp.float32)
+    if clip_norm is not None:
+        tx = optax.chain(clip_by_global_norm(clip_norm), tx)
     if ema_kind is not None:
         schedules["ema"] = ema_schedule(
             lengths.total_steps, o["ema_start"], o["ema_final"], ema_kind

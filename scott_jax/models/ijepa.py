@@ -29,8 +29,10 @@ from scott_jax.models.transformer import LINEAR_STD, drop_path, gather_tokens, s
 LN_EPS = 1e-6
 
 
-def _dense(features: int, name: str, dtype, std: float = LINEAR_STD) -> Dense:
-    return Dense(features, kernel_init=initializers.normal(std), dtype=dtype, name=name)
+def _dense(features: int, name: str, dtype, std: float = LINEAR_STD, xavier: bool = False) -> Dense:
+    """N(0, std) kernels, or xavier-uniform ones (MOCA's init, official `models_moca.py`)."""
+    init = nn.initializers.xavier_uniform() if xavier else initializers.normal(std)
+    return Dense(features, kernel_init=init, dtype=dtype, name=name)
 
 
 def _layer_norm(name: str, dtype) -> nn.LayerNorm:
@@ -46,6 +48,7 @@ class Attention(nn.Module):
     num_heads: int
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
+    xavier: bool = False  # xavier-uniform kernels instead of N(0, 0.02)
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array | None) -> jax.Array:
@@ -53,7 +56,7 @@ class Attention(nn.Module):
         if dim % self.num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {self.num_heads}")
         head_dim = dim // self.num_heads
-        qkv = _dense(3 * dim, "qkv", self.dtype)(x)
+        qkv = _dense(3 * dim, "qkv", self.dtype, xavier=self.xavier)(x)
         q, k, v = (
             t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1)
         )
@@ -62,7 +65,7 @@ class Attention(nn.Module):
             logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
-        return _dense(dim, "proj", self.dtype, self.out_init_std)(out)
+        return _dense(dim, "proj", self.dtype, self.out_init_std, self.xavier)(out)
 
 
 class Block(nn.Module):
@@ -73,6 +76,7 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
+    xavier: bool = False  # xavier-uniform kernels instead of N(0, 0.02)
 
     def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
         if not train or self.drop_path_rate == 0.0:
@@ -82,14 +86,16 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array | None, *, train: bool) -> jax.Array:
         dim = x.shape[-1]
-        y = Attention(self.num_heads, self.out_init_std, self.dtype, name="attn")(
+        y = Attention(self.num_heads, self.out_init_std, self.dtype, self.xavier, name="attn")(
             _layer_norm("norm1", self.dtype)(x), valid
         )
         x = x + self._drop_path(y, train)
-        y = _dense(int(dim * self.mlp_ratio), "fc1", self.dtype)(
+        y = _dense(int(dim * self.mlp_ratio), "fc1", self.dtype, xavier=self.xavier)(
             _layer_norm("norm2", self.dtype)(x)
         )
-        y = _dense(dim, "fc2", self.dtype, self.out_init_std)(nn.gelu(y, approximate=False))
+        y = _dense(dim, "fc2", self.dtype, self.out_init_std, self.xavier)(
+            nn.gelu(y, approximate=False)
+        )
         return x + self._drop_path(y, train)
 
 

@@ -11,6 +11,8 @@ them alike; the patch embedding ignores it because its patches do not overlap an
 transformer replaces masked tokens anyway.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -334,6 +336,7 @@ class PatchEmbedTokenizer(nn.Module):
     img_size: int
     patch_size: int = 16
     dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = initializers.kaiming_normal  # MOCA: xavier on the flat weight
 
     @nn.compact
     def __call__(
@@ -351,7 +354,7 @@ class PatchEmbedTokenizer(nn.Module):
             (p, p),
             strides=(p, p),
             padding="VALID",
-            kernel_init=initializers.kaiming_normal,
+            kernel_init=self.kernel_init,
             bias_init=initializers.torch_default_bias(p * p * images.shape[-1]),
             dtype=self.dtype,
             name="proj",
