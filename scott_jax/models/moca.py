@@ -167,7 +167,11 @@ class WeightGenerator(nn.Module):
         h = Dense(self.hidden_dim, use_bias=False, kernel_init=xavier, name="b0_fc")(c)
         h = nn.relu(RowBatchNorm(name="b0_bn")(h))
         h = Dense(self.out_dim, kernel_init=xavier, name="b0_last_layer")(h)
-        skip = c if self.out_dim == c.shape[1] else Dense(self.out_dim, kernel_init=xavier)(c)
+        skip = (
+            c
+            if self.out_dim == c.shape[1]
+            else Dense(self.out_dim, kernel_init=xavier, name="skip")(c)
+        )
         return l2_normalize(h + skip)
 
 
