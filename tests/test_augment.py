@@ -319,3 +319,58 @@ def test_eval_transform_centre_crops_a_wide_image():
     dominant = np.argmax(out[32].astype(int), axis=-1)
     assert dominant[32] == 1 and dominant[0] == 0 and dominant[-1] == 2
     assert abs(np.sum(dominant == 0) - np.sum(dominant == 2)) <= 1
+
+
+# ---------------------------------------------------------------------------
+# MOCA's two views (valeoai/MOCA `util/transforms.py`)
+
+
+def test_solarize_equals_pil():
+    image_module = pytest.importorskip("PIL.Image")
+    ops = pytest.importorskip("PIL.ImageOps")
+    expected = np.asarray(ops.solarize(image_module.fromarray(NOISE)))
+    np.testing.assert_array_equal(augment.solarize(NOISE).numpy(), expected)
+
+
+def test_moca_colour_op_rates():
+    """2,000 draws per view on the probe image of the colour test (colour top half, gray
+    0|255 step bottom right): grayscale 0.2; blur visible on 1.0 / 0.1 of the first / second
+    view (times P(sigma moves the step), here with 13 taps); solarize (dark colour channels
+    become bright) 0 / 0.2 of the views."""
+    image = np.zeros((24, 24, 3), np.uint8)
+    image[:12] = [200, 100, 50]
+    image[12:, 12:] = 255
+    out = batched_map(
+        lambda i: tf.stack(
+            [augment.moca_colour(tf.constant(image), tf.stack([i, 5]), v) for v in (0, 1)]
+        ),
+        2000,
+    )
+    sigmas = np.linspace(0.1, 2.0, 19001)[:, None]
+    pdf = np.exp(-0.5 * (np.arange(-6, 7) / sigmas) ** 2)
+    visible = np.mean(255 * pdf[:, 7:].sum(1) / pdf.sum(1) > 0.5)
+    for view, (blur_p, solarize_p) in enumerate(((1.0, 0.0), (0.1, 0.2))):
+        x = out[:, view]
+        colour = x[:, 2, 12].astype(int)
+        gray = np.all(colour == colour[:, :1], axis=1)
+        blurred = np.array([len(np.unique(row)) > 2 for row in x[:, 20, :, 0]])
+        # The step's bright side (255) ends below 128 under solarize (v >= 128 -> 255 - v);
+        # jitter alone rarely takes it that low.
+        solarized = x[:, 20, 23, 0] < 128
+        assert abs(gray.mean() - 0.2) < 0.03
+        assert abs(blurred.mean() - blur_p * visible) < 0.03
+        assert abs(solarized.mean() - solarize_p) < 0.03
+
+
+def test_moca_views_crop_each_view_on_its_own():
+    views = batched_map(
+        lambda i: augment.two_views(IMAGE, tf.stack([i, 4]), size=24, aug="moca"), 8
+    )
+    first, second = views
+    assert first.shape == second.shape == (8, 24, 24, 3) and first.dtype == np.float32
+    # Undo the colour ops' effect on the geometry check: views of a crop differ in content.
+    assert not np.allclose(first, second)
+    again = batched_map(
+        lambda i: augment.two_views(IMAGE, tf.stack([i, 4]), size=24, aug="moca"), 8
+    )
+    np.testing.assert_array_equal(first, again[0])

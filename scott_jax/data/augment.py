@@ -31,6 +31,11 @@ from scott_jax.data.augment_spec import (
     JITTER,
     JITTER_P,
     LUMA_WEIGHTS,
+    MOCA_BLUR_KERNEL,
+    MOCA_BLUR_P,
+    MOCA_GRAYSCALE_P,
+    MOCA_JITTER_P,
+    MOCA_SOLARIZE_P,
     check_aug,
 )
 
@@ -121,6 +126,13 @@ def random_resized_crop(
     top, left, crop_h, crop_w = tf.unstack(crop_box(shape[0], shape[1], seed, scale, ratio))
     window = image[top : top + crop_h, left : left + crop_w]  # Keeps the static channel count.
     return resize_window(window, size)
+
+
+def crop_window(image: tf.Tensor, seed, scale: tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+    """uint8 [H, W, 3] -> its ``crop_box`` window for ``seed``, uint8 [h, w, 3]."""
+    shape = tf.shape(image)
+    top, left, height, width = tf.unstack(crop_box(shape[0], shape[1], seed, scale))
+    return image[top : top + height, left : left + width]
 
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
@@ -242,8 +254,12 @@ def two_views(
       'reference': what the reference code does for both 'same' and 'diff': independent
                    draws per view. An alias of 'diff' (same views for the same seed), kept as
                    its own value so that a config can say it reproduces the code.
+      'moca':      MOCA's views, a crop each (``moca_views``).
     """
     check_aug(aug)
+    if aug == "moca":
+        image = tf.convert_to_tensor(image)
+        return moca_views(lambda s: crop_window(image, s, crop_scale), seed, size)
     crop_seed, flip_seed, context_seed, target_seed = view_seeds(seed)
     view = random_flip(random_resized_crop(image, crop_seed, size, scale=crop_scale), flip_seed)
     return color_views(view, context_seed, target_seed, aug)
@@ -531,18 +547,18 @@ def _gaussian_filter(x: tf.Tensor, sigma, kernel_size: int) -> tf.Tensor:
     padded = tf.pad(x, [[half, half], [half, half], [0, 0]], mode="REFLECT")
     # [H + 2 half, (W + 2 half) * 3]: a column shift is a shift by 3 along the flat rows.
     padded = tf.reshape(padded, [shape[0] + 2 * half, -1])
-    rows = _correlate(padded, kernel, axis=0, step=1)  # [H, (W + 2 half) * 3]
-    out = _correlate(rows, kernel, axis=1, step=3)  # [H, W * 3]
+    rows = _correlate(padded, kernel, axis=0, step=1, taps=kernel_size)  # [H, (W + 2 half) * 3]
+    out = _correlate(rows, kernel, axis=1, step=3, taps=kernel_size)  # [H, W * 3]
     return tf.round(tf.reshape(out, shape))
 
 
 @_xla
-def _correlate(x: tf.Tensor, kernel: tf.Tensor, axis: int, step: int) -> tf.Tensor:
+def _correlate(x: tf.Tensor, kernel: tf.Tensor, axis: int, step: int, taps: int) -> tf.Tensor:
     """sum_k kernel[k] * x[.. k * step + i ..] along ``axis`` of a 2-D x, valid outputs only.
 
-    x [M, N] -> [M - (K - 1) * step, N] (axis 0) or [M, N - (K - 1) * step] (axis 1).
+    x [M, N] -> [M - (K - 1) * step, N] (axis 0) or [M, N - (K - 1) * step] (axis 1), K = taps
+    (a Python int: the traced kernel's length is generalised away when two sizes are used).
     """
-    taps = kernel.shape[0]
     length = tf.shape(x)[axis] - (taps - 1) * step
     out = 0.0
     for k in range(taps):
@@ -550,3 +566,55 @@ def _correlate(x: tf.Tensor, kernel: tf.Tensor, axis: int, step: int) -> tf.Tens
         begin[axis], size[axis] = k * step, length
         out += kernel[k] * tf.slice(x, begin, size)
     return out
+
+
+# ---------------------------------------------------------------------------
+# MOCA's two views (valeoai/MOCA `util/transforms.py`, `DataAugmentationTwoViews`)
+
+
+def moca_views(window_at, seed, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """MOCA's two views of one image: float32 [size, size, 3] each, normalised.
+
+    ``window_at(crop_seed)`` -> a uint8 RandomResizedCrop window (``crop_box``; the pipeline
+    decodes only it). Each view has its own crop (BYOL / MoCo-v3, unlike the shared crop of the
+    other modes), resized bilinearly as torchvision's default, then ``moca_colour`` and a flip.
+    """
+    views = []
+    for view, view_seed in enumerate(tf.unstack(_split(seed, 2))):
+        crop_seed, colour_seed, flip_seed = tf.unstack(_split(view_seed, 3))
+        x = _resize_uint8(window_at(crop_seed), (size, size), "bilinear")
+        x = random_flip(moca_colour(x, colour_seed, view), flip_seed)
+        views.append(normalize(x))
+    return views[0], views[1]
+
+
+def moca_colour(image: tf.Tensor, seed, view: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8: view `view` (0 or 1) of MOCA's colour recipe, in its fixed
+    order: jitter (p 0.8), grayscale (p 0.2), Gaussian blur with sigma ~ U(0.1, 2) (p 1.0 for
+    view 0, 0.1 for view 1), solarize (p 0 / 0.2).
+
+    PIL's ``GaussianBlur(radius)`` (sigma = radius, an extended-box approximation without
+    cut-off) is replaced by the exact Gaussian on 13 taps (±3 sigma at the largest sigma),
+    reflect-padded as the other blur.
+    """
+    jitter_coin, jitter, gray_coin, blur_coin, blur, solarize_coin = tf.unstack(
+        _split(tf.cast(seed, tf.int64), 6)
+    )
+    x = _pixels(image)
+    x = _random_apply(x, jitter_coin, MOCA_JITTER_P[view], lambda z: _jitter(z, jitter))
+    x = _random_apply(x, gray_coin, MOCA_GRAYSCALE_P[view], _grayscale)
+    x = _random_apply(
+        x, blur_coin, MOCA_BLUR_P[view], lambda z: _blur(z, blur, MOCA_BLUR_KERNEL, BLUR_SIGMA)
+    )
+    if MOCA_SOLARIZE_P[view]:
+        x = _random_apply(x, solarize_coin, MOCA_SOLARIZE_P[view], _solarize)
+    return _to_uint8(x)
+
+
+def solarize(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8: PIL's ``ImageOps.solarize`` (threshold 128)."""
+    return _to_uint8(_solarize(_pixels(image)))
+
+
+def _solarize(x: tf.Tensor) -> tf.Tensor:
+    return tf.where(x >= 128.0, 255.0 - x, x)

@@ -58,8 +58,8 @@ def pretrain_batches(
       'target':  float32 [b, img_size, img_size, 3], the target view;
       'label':   int32 [b], for the online probe only.
     Both views come from one RandomResizedCrop + flip of the image and differ only by their
-    colour augmentation ``aug`` (docs/design.md#augmentation). Errors are raised here, not at
-    the first ``next``.
+    colour augmentation ``aug`` (docs/design.md#augmentation), except with ``aug='moca'``: a
+    crop each (``augment.moca_views``). Errors are raised here, not at the first ``next``.
 
     color_on_device: yield instead 'view': uint8 [b, img_size, img_size, 3], the shared crop +
     flip before any colour op or normalisation, and 'label'. The jitted step then makes the
@@ -69,6 +69,8 @@ def pretrain_batches(
     lo, hi = _local_rows(batch_size, process_index, process_count)
     epoch_steps = steps_per_epoch(source.num_examples, batch_size)
     augment.check_aug(aug)
+    if color_on_device and aug == "moca":
+        raise ValueError("aug='moca' crops each view on its own; color_on_device needs one crop")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     start_epoch, start_offset = divmod(start_step, epoch_steps)
@@ -96,6 +98,11 @@ def pretrain_batches(
 
     def example(index, position):
         seed_pair = tf.random.experimental.stateless_fold_in(augment_key, position)
+        if aug == "moca":  # a crop per view, 'context' the first
+            context, target = augment.moca_views(
+                lambda crop_seed: window_at(index, crop_seed), seed_pair, img_size
+            )
+            return {"context": context, "target": target, "label": tf.gather(labels, index)}
         crop_seed, flip_seed, context_seed, target_seed = augment.view_seeds(seed_pair)
         window = window_at(index, crop_seed)
         view = augment.random_flip(augment.resize_window(window, img_size), flip_seed)
