@@ -240,3 +240,119 @@ def from_torch(
         )
     module = build_module(kind, **arch)
     return module, convert_state_dict(state_dict, module, kind, arch["embed_dim"])
+
+
+# --------------------------------------------------------------------------- MOCA
+
+#: timm block keys (`models_moca.py`, `Block`) -> this package's pre-norm block (models.ijepa).
+_TIMM_BLOCK_RULES = (
+    (r"(\d+)\.norm(1|2)\.weight", r"block_\1/norm\2/scale", _same),
+    (r"(\d+)\.norm(1|2)\.bias", r"block_\1/norm\2/bias", _same),
+    (r"(\d+)\.attn\.(qkv|proj)\.weight", r"block_\1/attn/\2/kernel", _linear),
+    (r"(\d+)\.attn\.(qkv|proj)\.bias", r"block_\1/attn/\2/bias", _same),
+    (r"(\d+)\.mlp\.(fc1|fc2)\.weight", r"block_\1/\2/kernel", _linear),
+    (r"(\d+)\.mlp\.(fc1|fc2)\.bias", r"block_\1/\2/bias", _same),
+)
+_MOCA_RULES = (
+    (r"(encoder|encoder_teacher)\.patch_embed\.proj\.weight", "tokenizer/proj/kernel", _conv),
+    (r"(encoder|encoder_teacher)\.patch_embed\.proj\.bias", "tokenizer/proj/bias", _same),
+    (r"(encoder|encoder_teacher)\.cls_token", "cls_token", _same),
+    (r"(encoder|encoder_teacher)\.norm\.weight", "norm/scale", _same),
+    (r"(encoder|encoder_teacher)\.norm\.bias", "norm/bias", _same),
+    (r"norm_cls_pt\.weight", "norm_in/scale", _same),
+    (r"norm_cls_pt\.bias", "norm_in/bias", _same),
+    (r"decoder_embed_cls_pt\.weight", "embed/kernel", _linear),
+    (r"decoder_embed_cls_pt\.bias", "embed/bias", _same),
+    (r"mask_token_cls_pt", "mask_token", _same),
+    (r"decoder_norm_cls_pt\.weight", "norm/scale", _same),
+    (r"decoder_norm_cls_pt\.bias", "norm/bias", _same),
+    (r"(encoder|decoder)_pred\.layers_w\.0\.generator\.b0_fc\.weight", "b0_fc/kernel", _linear),
+    (r"(encoder|decoder)_pred\.layers_w\.0\.generator\.b0_bn\.weight", "b0_bn/scale", _same),
+    (r"(encoder|decoder)_pred\.layers_w\.0\.generator\.b0_bn\.bias", "b0_bn/bias", _same),
+    (
+        r"(encoder|decoder)_pred\.layers_w\.0\.generator\.b0_last_layer\.weight",
+        "b0_last_layer/kernel",
+        _linear,
+    ),
+    (
+        r"(encoder|decoder)_pred\.layers_w\.0\.generator\.b0_last_layer\.bias",
+        "b0_last_layer/bias",
+        _same,
+    ),
+    (r"decoder_pred\.layers_w\.0\.skip\.weight", "skip/kernel", _linear),
+    (r"decoder_pred\.layers_w\.0\.skip\.bias", "skip/bias", _same),
+)
+#: Where each torch prefix goes in MOCA's train state (scott_jax.methods.moca.MocaState).
+_MOCA_TREES = {
+    "encoder": ("params", "context_encoder"),
+    "encoder_teacher": ("target_params",),
+    "norm_cls_pt": ("params", "decoder"),
+    "decoder_embed_cls_pt": ("params", "decoder"),
+    "mask_token_cls_pt": ("params", "decoder"),
+    "decoder_blocks_cls_pt": ("params", "decoder"),
+    "decoder_norm_cls_pt": ("params", "decoder"),
+    "encoder_pred": ("params", "wgen_img"),
+    "decoder_pred": ("params", "wgen_loc"),
+}
+#: Buffers that are not state here: BN running statistics (never read in pretraining), the
+#: generators' fixed κ, the queue's step counter.
+_MOCA_IGNORED = (r".*\.b0_bn\.(running_mean|running_var|num_batches_tracked)", r".*_pred\.scale")
+
+
+def moca_state_from_torch(state_dict: Mapping[str, Any], grid: int) -> dict:
+    """An official MOCA state_dict (`models_moca.MOCA`) -> {'params': {'context_encoder',
+    'decoder', 'wgen_img', 'wgen_loc'}, 'target_params', 'codebook': {'words', 'ptr', 'mu'}},
+    the trees of `methods.moca.MocaState` (ViT tokenizer). The fixed position embeddings are
+    checked against this package's row-first tables (`grid`: the patch grid), not loaded; an
+    unknown key is an error. μ̄ is `_dist_norm_prev`, the value the next step's targets use."""
+    trees: dict = {"params": {}, "target_params": {}, "codebook": {}}
+    unknown, problems = [], []
+    for key, value in state_dict.items():
+        array = _to_numpy(value)
+        prefix = key.partition(".")[0]
+        if key.startswith("bow_extractor.bow_extractor.0."):
+            name = key.rpartition(".")[2]
+            if name == "_embedding":
+                trees["codebook"]["words"] = jnp.asarray(array)
+            elif name == "_embedding_ptr":
+                trees["codebook"]["ptr"] = jnp.asarray(int(array[0]), jnp.int32)
+            elif name == "_dist_norm_prev":
+                trees["codebook"]["mu"] = jnp.asarray(array[0], jnp.float32)
+            elif name not in ("_dist_norm", "_track_num_batches"):
+                unknown.append(key)
+            continue
+        if key.endswith("pos_embed"):
+            expected = np.concatenate(
+                [
+                    np.zeros((1, array.shape[-1]), np.float32),
+                    sincos_pos_embed(array.shape[-1], grid),
+                ]
+            )
+            if not np.allclose(array.reshape(expected.shape), expected, atol=1e-5):
+                problems.append(f"{key} is not the row-first sin-cos table (docs/deviations.md)")
+            continue
+        if any(re.fullmatch(p, key) for p in _MOCA_IGNORED):
+            continue
+        if prefix not in _MOCA_TREES:
+            unknown.append(key)
+            continue
+        block = re.fullmatch(r"(?:encoder|encoder_teacher)\.blocks\.(.*)", key) or re.fullmatch(
+            r"decoder_blocks_cls_pt\.(.*)", key
+        )
+        rules = _TIMM_BLOCK_RULES if block else _MOCA_RULES
+        subject = block.group(1) if block else key
+        for pattern, target, transform in rules:
+            if re.fullmatch(pattern, subject):
+                path = re.sub(pattern, target, subject)
+                node = trees
+                for part in (*_MOCA_TREES[prefix], *path.split("/")[:-1]):
+                    node = node.setdefault(part, {})
+                node[path.split("/")[-1]] = jnp.asarray(transform(array))
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        problems.append(f"unknown keys {sorted(unknown)}")
+    if problems:
+        raise ValueError("cannot convert the MOCA state_dict: " + "; ".join(problems))
+    return trees
