@@ -11,6 +11,9 @@ achieved_tflops, peak_memory_gb (XLA's memory analysis of the compiled step: arg
 outputs - aliased + temporaries), peak_rss_gb (the process), and on a GPU/TPU with a known
 peak the MFU.
 
+`--method moca` times MOCA's step instead (`scott_jax.methods.moca`, configs/moca.py), with
+its two views and masking rounds.
+
 `--compile-only` lowers and compiles without running (no step_times, no timings): the way
 to read the compiled memory of a configuration too large for this machine, e.g.
 `--variant scott-12/16 --batch 128 --dtype bfloat16 --conv-impl xla --compile-only`.
@@ -46,6 +49,7 @@ PEAK_TFLOPS = {
 def parser() -> argparse.ArgumentParser:
     """Command-line flags, shared with profile_step.py."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="mim_jepa", choices=["mim_jepa", "moca"])
     parser.add_argument("--variant", default="scott-7/16")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -64,11 +68,11 @@ def setup(args):
     import jax
     import numpy as np
 
-    from configs import common, mim_jepa
+    from configs import common, mim_jepa, moca
     from scott_jax import masking, methods, optim
     from scott_jax.sharding import make_mesh
 
-    config = mim_jepa.apply(common.get_config())
+    config = {"mim_jepa": mim_jepa, "moca": moca}[args.method].apply(common.get_config())
     config.variant, config.img_size, config.batch_size = args.variant, args.img_size, args.batch
     config.compute_dtype = args.dtype
     config.model.conv_impl = args.conv_impl
@@ -85,6 +89,11 @@ def setup(args):
         "target": rng.standard_normal(shape, np.float32),
         "keep_mask": masking.keep_masks(0, 0, args.batch, grid, args.mask_ratio).astype(np.int32),
     }
+    if args.method == "moca":  # the two views and the step's masking rounds
+        sizes = method.mask_sizes(config, grid * grid)
+        stream = iter([{**batch, "label": np.zeros(args.batch, np.int32)}])
+        batch = next(method.masked_batches(stream, config, sizes, grid * grid, 0))
+        del batch["label"]
     batch = jax.device_put(batch, trainer.data_sharding)
     state = jax.eval_shape(trainer.init, jax.random.key(0))
     if not args.compile_only:
