@@ -249,3 +249,195 @@ def run_ours(
 def dumps(value) -> np.ndarray:
     """A JSON document as a 0-d numpy string (an npz entry)."""
     return np.array(json.dumps(value, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- I-JEPA
+
+#: A tiny ViT I-JEPA (I-JEPA code: `src/models/vision_transformer.py`), 64 px with 8 px
+#: patches (an 8x8 grid, where the multi-block targets have 9-12 patches), no drop path
+#: (upstream's default), upstream's collator quirks (the fixture's masks are upstream's).
+IJEPA_ARCH = {
+    "img_size": 64,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "predictor_dim": 16,
+    "predictor_depth": 2,
+}
+IJEPA_STEPS = 20
+IJEPA_RECORD_STEPS = (0, 1, 10, 20)
+#: Upstream's recipe names (`src/helper.py`, `init_opt`; the EMA generator of
+#: `src/train.py`): LR as the released config (start 2e-4, peak 1e-3, final 1e-6) with
+#: warm-up over a quarter of the run; WD 10x and the EMA start lower, as for MIM-JEPA.
+IJEPA_SCHEDULE = {
+    "total_steps": IJEPA_STEPS,
+    "warmup_steps": 5,
+    "lr_start": 2e-4,
+    "lr_peak": 1e-3,
+    "lr_final": 1e-6,
+    "lr_flat_pctg": 0.0,
+    "wd_start": 0.4,
+    "wd_final": 4.0,
+    "ema_start": 0.9,
+    "ema_final": 1.0,
+}
+#: upstream `MaskCollator` arguments (its defaults for ImageNet, min_keep scaled to 8x8).
+IJEPA_MASKS = {
+    "pred_mask_scale": (0.15, 0.2),
+    "enc_mask_scale": (0.85, 1.0),
+    "aspect_ratio": (0.75, 1.5),
+    "nenc": 1,
+    "npred": 4,
+    "min_keep": 4,
+    "allow_overlap": False,
+}
+
+_IJEPA_RULES = (
+    (r"patch_embed\.proj\.(weight|bias)", r"tokenizer/proj/\1"),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"transformer/block_\1/\2/\3"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"transformer/block_\1/attn/\2/\3"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"transformer/block_\1/\2/\3"),
+    (r"norm\.(weight|bias)", r"transformer/norm/\1"),
+    (r"(embed|proj)\.(weight|bias)", r"\1/\2"),
+    (r"mask_token", "mask_token"),
+)
+
+
+def ijepa_params(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """An upstream I-JEPA encoder or predictor state dict (numpy) -> our params.
+
+    Upstream names (`VisionTransformer`, `VisionTransformerPredictor`) lose the
+    'predictor_' prefix and map to `scott_jax.models.ijepa`'s; Linear weights are
+    transposed, the patch-embedding conv moved to (kh, kw, I, O), LayerNorm weights become
+    'scale'. The frozen position embeddings are constants here and are skipped."""
+    import re
+
+    out: dict = {}
+    for key, value in state_dict.items():
+        if key.endswith("pos_embed"):
+            continue
+        name = key.removeprefix("predictor_")
+        for pattern, target in _IJEPA_RULES:
+            if re.fullmatch(pattern, name):
+                path = re.sub(pattern, target, name).split("/")
+                break
+        else:
+            raise KeyError(f"unknown I-JEPA key {key}")
+        value = np.asarray(value, np.float32)
+        if path[-1] == "weight":
+            if "norm" in path[-2]:
+                path[-1] = "scale"
+            else:
+                path[-1] = "kernel"
+                value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+        elif path[-1] == "mask_token":
+            value = value.reshape(1, 1, 1, -1)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def ijepa_masks(context: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Upstream index lists padded with -1 (context [B, Kc], targets [M, B, Kt]) -> our
+    batch keys (`scott_jax.masking_multiblock`): padding repeats the first valid index and
+    is marked invalid."""
+
+    def pad(idx):
+        valid = idx >= 0
+        return np.where(valid, idx, idx[..., :1]).astype(np.int32), valid
+
+    context_idx, context_valid = pad(context)
+    target_idx, target_valid = pad(targets.transpose(1, 0, 2))
+    return {
+        "context_idx": context_idx,
+        "context_valid": context_valid,
+        "target_idx": target_idx,
+        "target_valid": target_valid,
+    }
+
+
+def ijepa_config_for(arch: Mapping = IJEPA_ARCH, schedule: Mapping = IJEPA_SCHEDULE, batch=BATCH):
+    """Our I-JEPA run config: configs/common.py + configs/ijepa.py, upstream's quirk flags."""
+    from configs import common, ijepa
+
+    config = ijepa.apply(common.get_config())
+    config.variant = "vit-7/16"
+    config.img_size = arch["img_size"]
+    for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+        config.model[key] = arch[key]
+    config.ijepa.predictor_dim = arch["predictor_dim"]
+    config.ijepa.predictor_depth = arch["predictor_depth"]
+    config.ijepa.min_keep = IJEPA_MASKS["min_keep"]
+    config.ijepa.correlated_size = True
+    config.ijepa.exclusive_corner = True
+    config.ijepa.truncate_context = True
+    config.batch_size = batch
+    for key, value in schedule.items():
+        if key.startswith(("lr_", "wd_", "ema_")):
+            config.optim[key] = value
+    return config
+
+
+def run_ours_ijepa(
+    encoder_sd: Mapping[str, np.ndarray],
+    predictor_sd: Mapping[str, np.ndarray],
+    context: np.ndarray,
+    targets: np.ndarray,
+    *,
+    seed: int = SEED,
+    record_steps=IJEPA_RECORD_STEPS,
+) -> tuple[list[dict], dict[int, dict]]:
+    """Our jitted I-JEPA step (`ijepa.build_trainer`) from converted upstream weights, on
+    `batches(seed, ...)`'s context views and upstream's masks (context [steps, B, Kc],
+    targets [steps, M, B, Kt], -1 = padding). Returns like `run_ours`."""
+    import jax
+
+    from scott_jax import optim
+    from scott_jax.methods import ijepa
+    from scott_jax.methods.base import TrainState
+    from scott_jax.sharding import make_mesh, to_global
+
+    num_steps, batch = context.shape[:2]
+    config = ijepa_config_for(batch=batch)
+    lengths = lengths_for(IJEPA_SCHEDULE)
+    mesh = make_mesh()
+    trainer = ijepa.build_trainer(config, lengths, mesh, source=None)
+    optimizer = optim.make(
+        config.optim, lengths, wd_kind=config.ijepa.wd_schedule, ema_kind=config.ijepa.ema_schedule
+    )
+    params = {
+        "context_encoder": ijepa_params(encoder_sd),
+        "predictor": ijepa_params(predictor_sd),
+    }
+    state = TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=params,
+        target_params=jax.tree.map(np.copy, params["context_encoder"]),
+        opt_state=optimizer.tx.init(params),
+    )
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def record(state) -> dict:
+        return {
+            "context": sketch(jax.device_get(state.params["context_encoder"])),
+            "predictor": sketch(jax.device_get(state.params["predictor"])),
+            "target": sketch(jax.device_get(state.target_params)),
+        }
+
+    recorded = {0: record(state)} if 0 in record_steps else {}
+    metrics = []
+    views = batches(seed, num_steps, batch, IJEPA_ARCH["img_size"])
+    for step, views_k in enumerate(views, start=1):
+        step_batch = {
+            "image": views_k["context"],
+            **ijepa_masks(context[step - 1], targets[step - 1]),
+        }
+        state, m = trainer.step(state, to_global(step_batch, trainer.data_sharding))
+        metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+        if step in record_steps:
+            recorded[step] = record(state)
+    return metrics, recorded

@@ -18,6 +18,7 @@ import pytest
 import step_parity as sp
 
 FIXTURE = Path(__file__).parent / "fixtures" / "step_parity.npz"
+IJEPA_FIXTURE = Path(__file__).parent / "fixtures" / "ijepa_step_parity.npz"
 MODELS = tuple(sp.ARCHS)
 PARTS = ("context", "predictor", "target")
 #: Relative error of every step's loss (reached: 5e-6 SCOTT, 1e-6 ViT at -O1 XLA:CPU).
@@ -67,10 +68,10 @@ def ours(model: str, num_steps: int = sp.NUM_STEPS, ema_kind: str = "linear"):
     )
 
 
-def change_errors(recorded: dict, model: str, step: int) -> dict[str, float]:
+def change_errors(recorded: dict, model: str, step: int, g: dict | None = None):
     """{'part/path': (||ours - official|| - ROUND_OFF·||official||) / ||official - initial||}
     at `step`."""
-    g = group(model)
+    g = group(model) if g is None else g
     errors = {}
     for part in PARTS:
         for path, vector in recorded[step][part].items():
@@ -136,3 +137,56 @@ def test_step_parity_detects_an_off_by_one_ema():
     errors = change_errors(recorded, "scott", 10)
     target = [v for k, v in errors.items() if k.startswith("target/")]
     assert min(target) > 20 * CHANGE_RTOL[10], min(target)
+
+
+# --------------------------------------------------------------------------- I-JEPA
+
+
+@functools.cache
+def ijepa_fixture() -> dict:
+    with np.load(IJEPA_FIXTURE) as data:
+        return {k: data[k] for k in data.files}
+
+
+@functools.cache
+def ours_ijepa():
+    g = ijepa_fixture()
+    seed = int(g["seed"])
+    state = {"encoder": {}, "predictor": {}}
+    for key, value in sp.initial_state_dict(dict(json.loads(str(g["init_table"]))), seed).items():
+        head, _, rest = key.partition("/")
+        state[head][rest] = value
+    return sp.run_ours_ijepa(
+        state["encoder"], state["predictor"], g["context_idx"], g["target_idx"], seed=seed
+    )
+
+
+def test_ijepa_step_parity_losses_schedules_and_gradients():
+    """20 steps of upstream I-JEPA (`src/train.py`; tiny ViT, upstream's masks, cosine WD,
+    EMA from i = 0) against our `ijepa.build_trainer` step on the same inputs; our padded
+    index lists (variable context and target lengths) must not change anything."""
+    g = ijepa_fixture()
+    metrics, _ = ours_ijepa()
+    got = {k: np.array([m[k] for m in metrics]) for k in metrics[0]}
+    assert len(got["loss"]) == sp.IJEPA_STEPS
+    # Upstream's lists vary in length from step to step (padded here): a real test of padding.
+    assert len({int((row >= 0).sum(-1).min()) for row in g["context_idx"]}) > 1
+    loss_error = np.abs(got["loss"] - g["metrics/loss"]) / g["metrics/loss"]
+    assert loss_error.max() <= LOSS_RTOL, (loss_error.max(), loss_error.argmax() + 1)
+    for key in ("lr", "wd", "ema"):
+        np.testing.assert_allclose(got[key], g[f"metrics/{key}"], rtol=SCHEDULE_RTOL, err_msg=key)
+    for key in ("grad_norm/tokenizer", "grad_norm/transformer", "grad_norm/predictor"):
+        np.testing.assert_allclose(got[key], g[f"metrics/{key}"], rtol=GRAD_NORM_RTOL, err_msg=key)
+    assert got["loss"][-1] < 0.9 * got["loss"][0]
+
+
+@pytest.mark.parametrize("step", [s for s in sp.IJEPA_RECORD_STEPS if s])
+def test_ijepa_step_parity_parameters(step):
+    _, recorded = ours_ijepa()
+    g = ijepa_fixture()
+    for part in PARTS:  # the converted initial weights are the fixture's
+        for path, vector in recorded[0][part].items():
+            np.testing.assert_allclose(vector, g[f"step0/{part}/{path}"], rtol=1e-6, atol=1e-9)
+    errors = change_errors(recorded, "ijepa", step, g)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= CHANGE_RTOL[min(step, 10)], (worst, errors[worst])
