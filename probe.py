@@ -18,6 +18,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from scott_jax import cli
+
 config_flags.DEFINE_config_file(
     "config",
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "probe.py"),
@@ -28,6 +30,7 @@ flags.DEFINE_string("workdir", None, "The pretraining run's directory (launch.py
 flags.mark_flags_as_required(["workdir"])
 
 
+@cli.reporting_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

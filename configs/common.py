@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     # views on the accelerator (scott_jax.data.device_augment), halving the host CPU per image.
     config.data.color_on_device = False
     config.data.crop_scale = (0.2, 1.0)
+    # Resuming on a dataset whose size changed since the checkpoint is an error unless True.
+    config.data.accept_changed_dataset = False
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr_warmup_epochs = 40.0
@@ -63,4 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.log_every_steps = 50
+    # An exclusive OS lock on the workdir while the run lives (False only on a filesystem
+    # without file locks, where nothing else may use the workdir).
+    config.lock_workdir = True
+    # A damaged latest checkpoint: resume from the newest intact one (False: stop instead).
+    config.checkpoint_fallback = True
     return config

@@ -5,20 +5,25 @@ registries, sharding metadata) are handled and tested in one place, and the trai
 probe never see them.
 
 - `Checkpointer`: save every `save_interval_steps` (asynchronously) and at the end, keep the
-  newest `max_to_keep`, restore into a target's tree structure and shardings.
+  newest `max_to_keep` verified ones, restore into a target's tree structure and shardings,
+  falling back to the newest intact checkpoint when the latest is damaged.
 - `load_state_tree` / `load_config`: read a checkpoint as numpy dicts without a target.
-- `preemption_guard`: turns SIGTERM / Ctrl-C into a flag the loop polls after each step.
+- `preemption_guard`: turns SIGTERM / SIGINT / SIGHUP into a flag the loop polls.
 
-Saves are atomic (a save cut short is never listed nor restored) and every failure is loud
-(missing steps, mismatched targets). Usage and guarantees: docs/design.md#checkpoints.
+Saves are atomic (a save cut short is never listed nor restored), carry a CRC32 of every
+array that is checked on every read, and every failure is loud. docs/design.md#checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import shutil
 import signal
+import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,8 +32,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scott_jax.errors import CheckpointError, MissingCheckpointError
+
+log = logging.getLogger(__name__)
+
 _STATE = "state"
 _CONFIG = "config"
+_CHECKSUMS = "checksums"
+_RUN = "run"
+#: Where damaged checkpoints are moved (beside the checkpoint directory), never deleted.
+DAMAGED_DIR = "damaged"
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -37,7 +50,12 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     Without them a new `CheckpointManager` only learns an item's handler from the args of a
     save or restore, and `item_metadata` of an unseen item is None.
     """
-    return {_STATE: ocp.StandardCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()}
+    return {
+        _STATE: ocp.StandardCheckpointHandler(),
+        _CONFIG: ocp.JsonCheckpointHandler(),
+        _CHECKSUMS: ocp.JsonCheckpointHandler(),
+        _RUN: ocp.JsonCheckpointHandler(),
+    }
 
 
 def _describe_steps(directory: pathlib.Path, steps: list[int]) -> str:
@@ -46,15 +64,18 @@ def _describe_steps(directory: pathlib.Path, steps: list[int]) -> str:
 
 
 def _resolve_step(manager: ocp.CheckpointManager, directory: pathlib.Path, step: int | None):
-    """`step`, or the latest step when None; FileNotFoundError when it is not on disk."""
+    """`step`, or the latest step when None; MissingCheckpointError (a FileNotFoundError)
+    when it is not on disk."""
     steps = sorted(manager.all_steps())
     step = None if step is None else int(step)
     if step is None:
         if not steps:
-            raise FileNotFoundError(f"no checkpoint to restore in {_describe_steps(directory, [])}")
+            raise MissingCheckpointError(
+                f"no checkpoint to restore in {_describe_steps(directory, [])}"
+            )
         return steps[-1]
     if step not in steps:
-        raise FileNotFoundError(
+        raise MissingCheckpointError(
             f"no checkpoint for step {step} in {_describe_steps(directory, steps)}"
         )
     return step
@@ -103,6 +124,51 @@ def _check_target(target, metadata_tree, where: str) -> None:
         raise ValueError(f"restore target does not match {where}:\n  " + "\n  ".join(problems))
 
 
+def _host_array(leaf) -> np.ndarray:
+    """A leaf's value on this host: numpy as is, a replicated or local jax.Array's data."""
+    if isinstance(leaf, jax.Array):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # the state is replicated: any shard is all of it
+    return np.asarray(leaf)
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """{leaf path: 'crc32 dtype shape'} of every array leaf of a state tree (numpy or jax)."""
+    sums = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if leaf is None:
+            continue
+        x = np.ascontiguousarray(_host_array(leaf))
+        sums[_path_str(path)] = f"{zlib.crc32(x.view(np.uint8)):08x} {x.dtype} {list(x.shape)}"
+    return sums
+
+
+def _compare_checksums(saved: dict | None, restored: Any) -> list[str]:
+    """The leaves whose restored bytes differ from what was saved (empty: intact)."""
+    if saved is None:
+        return []
+    got = checksums(restored)
+    problems = [f"{k}: missing" for k in sorted(saved.keys() - got.keys())]
+    problems += [
+        f"{k}: checksum {got[k]}, saved {saved[k]}"
+        for k in sorted(saved.keys() & got.keys())
+        if got[k] != saved[k]
+    ]
+    return problems
+
+
+def _damage_report(step: int, directory: pathlib.Path, problem: str) -> str:
+    return f"checkpoint step {step} in {directory} is damaged: {problem}"
+
+
+def _describe_error(e: BaseException) -> str:
+    """One line of an exception raised while reading a checkpoint."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
 def _remove_interrupted_saves(directory: pathlib.Path) -> None:
     """Delete what saves cut short left behind (`<step>.orbax-checkpoint-tmp*`).
 
@@ -136,9 +202,14 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         self.directory = pathlib.Path(directory).absolute()
         self.save_interval_steps = save_interval_steps
+        self.max_to_keep = max_to_keep
+        self._verified: set[int] = set()  # steps read back (or restored) intact
+        self._failed: set[int] = set()  # steps written here that did not read back intact
         _remove_interrupted_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            # Retention is ours (`_prune`): a checkpoint is deleted only once a newer one has
+            # been read back intact.
+            max_to_keep=None,
             # Unused: every save passes `force=True` because the decision is ours
             # (`should_save`); orbax's default policy would also save the first step it sees.
             save_interval_steps=1,
@@ -160,22 +231,26 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.save_interval_steps == 0
 
-    def save(self, step: int, state: Any, config: dict, *, force: bool = False) -> bool:
-        """Start saving `state` and `config` at `step`; True if a save was started.
+    def save(
+        self, step: int, state: Any, config: dict, *, force: bool = False, run: dict | None = None
+    ) -> bool:
+        """Start saving `state`, `config`, the state's checksums and the JSON facts `run` (e.g.
+        the dataset's size) at `step`; True if a save was started.
 
         Only when `force` or `should_save(step)`; a step already saved is skipped (False).
         Asynchronous: device arrays are copied to the host before this returns, the files are
-        written in the background (`wait` blocks until they are durable).
+        written in the background (`wait` blocks until they are durable and read back).
         """
         step = int(step)
         if not (force or self.should_save(step)):
             return False
+        self.wait()  # the previous save: durable, read back, older ones pruned
         steps = self.all_steps()
         if step in steps:
             return False
         if steps and step < steps[-1]:
             # Saving below the latest step would interleave two runs in one directory and let
-            # `max_to_keep` delete the newer run's checkpoints.
+            # retention delete the newer run's checkpoints.
             raise ValueError(
                 f"cannot save step {step}: {_describe_steps(self.directory, steps)} already "
                 "holds a later step; resume from it or use a fresh directory"
@@ -186,36 +261,169 @@ class Checkpointer:
             # Checked now: the async JSON write would otherwise fail later, in a background
             # thread, after training moved on.
             raise TypeError(f"config for step {step} is not JSON-serializable: {e}") from e
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _CONFIG: ocp.args.JsonSave(config)}
-            ),
-            force=True,
-        )
+        items = {
+            _STATE: ocp.args.StandardSave(state),
+            _CONFIG: ocp.args.JsonSave(config),
+            _CHECKSUMS: ocp.args.JsonSave(checksums(state)),
+            _RUN: ocp.args.JsonSave(run or {}),
+        }
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
-        """Block until every started save is written and renamed into place."""
+        """Block until every started save is written and renamed into place, read it back
+        (a checkpoint that does not verify is an error), then apply retention."""
         self._manager.wait_until_finished()
+        steps = self.all_steps()
+        newest_intact = max(self._verified, default=None)
+        for step in steps:
+            if step in self._verified | self._failed:
+                continue
+            if newest_intact is not None and step < newest_intact:
+                continue
+            problems = verify(self.directory, step)
+            if problems:
+                self._failed.add(step)  # reported once; retention keeps the older ones
+                raise CheckpointError(
+                    f"{problems[0]}, right after it was written (is the disk failing or full?)"
+                )
+            self._verified.add(step)
+        self._prune()
 
-    def restore(self, target: Any, step: int | None = None) -> Any:
-        """The state at `step` (default: latest), shaped and placed like `target`.
+    def _prune(self) -> None:
+        """Deletes all but the newest `max_to_keep` checkpoints, never one at or above the
+        newest that was read back intact."""
+        if jax.process_index() != 0:
+            return
+        steps = self.all_steps()
+        newest_intact = max(self._verified, default=None)
+        if newest_intact is None:
+            return
+        kept = {s for s in steps if s >= newest_intact} | set(steps[-self.max_to_keep :])
+        for step in steps:
+            if step not in kept:
+                self._manager.delete(step)
+
+    def restore(self, target: Any, step: int | None = None, *, fallback: bool = True) -> Any:
+        """The state at `step` (default: the latest intact one), shaped and placed like
+        `target`, its arrays checked against the checksums saved with it.
 
         `target` leaves: `jax.Array`s or `jax.ShapeDtypeStruct`s with a sharding (restored as
-        `jax.Array`s) or `np.ndarray`s (restored as numpy); shapes and dtypes must match.
+        `jax.Array`s) or `np.ndarray`s (restored as numpy); shapes and dtypes must match
+        (ValueError otherwise). A latest checkpoint that cannot be read or does not verify is
+        reported in one paragraph, moved to `<directory>/../damaged/`, and the next older
+        one is tried (`fallback=False`: CheckpointError instead); an explicit `step` never
+        falls back.
         """
-        self.wait()
-        step = _resolve_step(self._manager, self.directory, step)
-        metadata = self._manager.item_metadata(step)[_STATE]
-        _check_target(target, metadata.tree, f"step {step} in {self.directory}")
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+        self._manager.wait_until_finished()
+        if step is not None:
+            return self._restore_verified(
+                target, _resolve_step(self._manager, self.directory, step)
+            )
+        steps = self.all_steps()
+        if not steps:
+            raise MissingCheckpointError(
+                f"no checkpoint to restore in {_describe_steps(self.directory, [])}"
+            )
+        damaged = []
+        for candidate in reversed(steps):
+            try:
+                state = self._restore_verified(target, candidate)
+            except CheckpointError as e:
+                if not fallback:
+                    raise
+                log.error("%s", e)
+                damaged.append(candidate)
+                continue
+            if damaged:
+                self._set_aside(damaged)
+                log.warning(
+                    "Resuming from step %d, the newest intact checkpoint; the damaged step(s) "
+                    "%s were moved to %s.",
+                    candidate,
+                    ", ".join(map(str, damaged)),
+                    self.directory.parent / DAMAGED_DIR,
+                )
+            return state
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory}: every step ({', '.join(map(str, steps))}) "
+            "is damaged (see the messages above); start a fresh run in another workdir"
         )
+
+    def _restore_verified(self, target: Any, step: int) -> Any:
+        """`step` restored into `target` and verified; CheckpointError if it is damaged."""
+        where = f"step {step} in {self.directory}"
+        try:
+            metadata = self._manager.item_metadata(step)[_STATE]
+            tree = metadata.tree
+        except Exception as e:
+            raise CheckpointError(_damage_report(step, self.directory, _describe_error(e))) from e
+        _check_target(target, tree, where)  # a different model, not damage: ValueError
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardRestore(target), _CHECKSUMS: ocp.args.JsonRestore()}
+                ),
+            )
+            state, saved = restored[_STATE], restored[_CHECKSUMS]
+        except Exception as e:
+            if _legacy(self.directory, step):
+                state, saved = self._restore_legacy(target, step), None
+            else:
+                raise CheckpointError(
+                    _damage_report(step, self.directory, _describe_error(e))
+                ) from e
+        problems = _compare_checksums(saved, state)
+        if problems:
+            raise CheckpointError(
+                _damage_report(
+                    step,
+                    self.directory,
+                    f"{len(problems)} array(s) differ from what was saved ({problems[0]})",
+                )
+            )
+        self._verified.add(step)
+        return state
+
+    def _restore_legacy(self, target: Any, step: int) -> Any:
+        """A checkpoint written before checksums existed: restored unverified, with a warning."""
+        log.warning(
+            "Step %d in %s has no checksums (an older scott_jax wrote it): "
+            "restored without verification.",
+            step,
+            self.directory,
+        )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            )
+        except Exception as e:
+            raise CheckpointError(_damage_report(step, self.directory, _describe_error(e))) from e
         return restored[_STATE]
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged steps out of the checkpoint directory (kept for inspection), so the
+        resumed run can save its next steps below them."""
+        if jax.process_index() != 0:
+            return
+        target = self.directory.parent / DAMAGED_DIR
+        target.mkdir(exist_ok=True)
+        for step in steps:
+            shutil.move(str(self.directory / str(step)), target / f"{step}-{int(time.time())}")
+        self._manager.reload()
+
+    def restore_run(self, step: int) -> dict:
+        """The `run` facts saved with `step` ({} for a checkpoint written without them)."""
+        if not (self.directory / str(step) / _RUN).exists():
+            return {}
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_RUN: ocp.args.JsonRestore()})
+        )
+        return restored[_RUN]
 
     def restore_config(self, step: int | None = None) -> dict:
         """The config saved with `step` (default: latest); tuples come back as lists."""
-        self.wait()
+        self._manager.wait_until_finished()
         step = _resolve_step(self._manager, self.directory, step)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
@@ -223,8 +431,11 @@ class Checkpointer:
         return restored[_CONFIG]
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's threads."""
-        self._manager.close()
+        """Wait for pending saves (read back and pruned) and release orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -233,12 +444,17 @@ class Checkpointer:
         self.close()
 
 
+def _legacy(directory: pathlib.Path, step: int) -> bool:
+    """True for a checkpoint written before checksums existed (it has no checksums item)."""
+    return not (directory / str(step) / _CHECKSUMS).exists()
+
+
 @contextmanager
 def _read_only_manager(directory: str | os.PathLike) -> Iterator[ocp.CheckpointManager]:
     """A manager that neither creates `directory` nor deletes anything in it."""
     path = pathlib.Path(directory).absolute()
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise MissingCheckpointError(f"checkpoint directory {path} does not exist")
     # Not orbax's `read_only=True`: that logs a warning on every open. These options never
     # create, clean up or delete anything, and nothing here calls `save`.
     options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
@@ -249,23 +465,62 @@ def _read_only_manager(directory: str | os.PathLike) -> Iterator[ocp.CheckpointM
         manager.close()
 
 
-def load_state_tree(directory: str | os.PathLike, step: int | None = None) -> dict:
-    """The saved state at `step` (default: latest) as nested dicts of numpy arrays.
-
-    Needs no target, so any structure the trainer saved can be read (e.g. only
-    `["target_params"]` for the probe) on any number of devices.
-    """
-    path = pathlib.Path(directory).absolute()
-    with _read_only_manager(path) as manager:
-        step = _resolve_step(manager, path, step)
+def _read_tree(manager: ocp.CheckpointManager, path: pathlib.Path, step: int) -> dict:
+    """The state of `step` as numpy dicts, verified; CheckpointError if it is damaged."""
+    try:
         tree = manager.item_metadata(step)[_STATE].tree
         # np.empty reserves address space only; orbax fills it and returns numpy arrays,
         # whereas a target-less restore would rebuild the saved device layout.
         target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-        restored = manager.restore(
-            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+        items = {_STATE: ocp.args.StandardRestore(target)}
+        if not _legacy(path, step):
+            items[_CHECKSUMS] = ocp.args.JsonRestore()
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        raise CheckpointError(_damage_report(step, path, _describe_error(e))) from e
+    problems = _compare_checksums(restored.get(_CHECKSUMS), restored[_STATE])
+    if problems:
+        raise CheckpointError(
+            _damage_report(
+                step, path, f"{len(problems)} array(s) differ from what was saved ({problems[0]})"
+            )
         )
-        return restored[_STATE]
+    return restored[_STATE]
+
+
+def verify(directory: str | os.PathLike, step: int) -> list[str]:
+    """Problems of checkpoint `step` (unreadable, or arrays that differ from their checksums);
+    empty when it is intact."""
+    path = pathlib.Path(directory).absolute()
+    with _read_only_manager(path) as manager:
+        try:
+            _read_tree(manager, path, step)
+        except CheckpointError as e:
+            return [str(e)]
+    return []
+
+
+def load_state_tree(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The saved state at `step` (default: latest) as nested dicts of numpy arrays, verified.
+
+    Needs no target, so any structure the trainer saved can be read (e.g. only
+    `["target_params"]` for the probe) on any number of devices. A damaged checkpoint is a
+    CheckpointError in one paragraph that names the intact steps.
+    """
+    path = pathlib.Path(directory).absolute()
+    with _read_only_manager(path) as manager:
+        step = _resolve_step(manager, path, step)
+        try:
+            return _read_tree(manager, path, step)
+        except CheckpointError as e:
+            others = [s for s in sorted(manager.all_steps()) if s != step]
+            intact = [s for s in others if not verify(path, s)]
+            hint = (
+                f"intact steps: {', '.join(map(str, intact))} (pass one as the step)"
+                if intact
+                else "no other intact step"
+            )
+            raise CheckpointError(f"{e}. {hint}") from e
 
 
 def load_config(directory: str | os.PathLike, step: int | None = None) -> dict:
@@ -273,20 +528,24 @@ def load_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     path = pathlib.Path(directory).absolute()
     with _read_only_manager(path) as manager:
         step = _resolve_step(manager, path, step)
-        restored = manager.restore(
-            step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
-        )
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+            )
+        except Exception as e:
+            raise CheckpointError(_damage_report(step, path, _describe_error(e))) from e
         return restored[_CONFIG]
 
 
 class PreemptionGuard:
-    """Turns the first SIGTERM / SIGINT into a flag (`requested`) that the loop polls.
+    """Turns the first SIGTERM / SIGINT / SIGHUP into a flag (`requested`) that the loop polls.
 
     A flag instead of an exception: the signal can land anywhere (between dispatching a
     step that donates the state and receiving the new one, in the middle of an async save),
     and the loop is the one place that knows when the state is whole enough to save. A
     second signal gets the handler that was there before (SIGINT: KeyboardInterrupt,
-    SIGTERM: termination), so a stuck loop can still be stopped.
+    SIGTERM: termination), so a stuck loop can still be stopped. SIGHUP (an ssh drop) saves
+    like SIGTERM, unless the run was started under `nohup`, which ignores it.
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...]):
@@ -312,6 +571,8 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         # signal.signal only works in the main thread; elsewhere it raises ValueError.
         for signum in self.signals:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started under nohup: an ssh drop must not stop the run
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -322,7 +583,7 @@ class PreemptionGuard:
 
 
 def preemption_guard(
-    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
 ) -> PreemptionGuard:
     """Context manager: `with preemption_guard() as guard: ... if guard.requested: ...`.
 

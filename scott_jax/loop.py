@@ -8,9 +8,11 @@ Batches, masks and randomness are pure functions of (seed, step), so a resumed r
 an uninterrupted one exactly. Metrics go to WORKDIR/metrics.jsonl and TensorBoard.
 """
 
+import contextlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +22,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from scott_jax import methods, optim
+from scott_jax import methods, optim, workdir_lock
 from scott_jax.checkpoint import Checkpointer, preemption_guard
+from scott_jax.config_checks import check_common
+from scott_jax.errors import DataError, DivergedError
 from scott_jax.sharding import make_mesh, to_global
 from scott_jax.writers import MetricWriter, log_progress
 
@@ -29,11 +33,13 @@ log = logging.getLogger(__name__)
 
 
 class Outcome(NamedTuple):
-    """What `train_and_evaluate` returns: the final state, and the method's results when it
-    has any and the run finished (the supervised baseline's scores), else None."""
+    """What `train_and_evaluate` returns: the final state, the method's results when it has
+    any and the run finished (the supervised baseline's scores), and the signal that stopped
+    the run early (after saving), or None."""
 
     state: Any
     results: dict | None
+    interrupted: signal.Signals | None = None
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
@@ -73,8 +79,8 @@ class StepMetrics:
     """The metrics of the steps since the last flush: fetched from the device together (no
     sync per step), checked (a non-finite loss stops the run), averaged, written and shown."""
 
-    def __init__(self, writer, *, batch_size, total_steps, last_step, start_step, keys):
-        self.writer, self.batch_size, self.keys = writer, batch_size, keys
+    def __init__(self, writer, stream, *, batch_size, total_steps, last_step, start_step, keys):
+        self.writer, self.stream, self.batch_size, self.keys = writer, stream, batch_size, keys
         self.total_steps, self.last_step = total_steps, last_step
         self.pending: list[tuple[int, dict]] = []
         self.timer = (time.perf_counter(), start_step)
@@ -88,10 +94,16 @@ class StepMetrics:
             return
         rows = jax.device_get([m for _, m in self.pending])
         for (s, _), row in zip(self.pending, rows, strict=True):
+            what = None
             if not np.isfinite(row["loss"]):
-                raise FloatingPointError(
-                    f"the loss became {row['loss']} at step {s}; stopping without saving. The "
-                    f"last good checkpoint is {last_good}. Try a lower config.optim.lr_peak or "
+                what = f"the loss became {row['loss']}"
+            elif not row.get("state_finite", 1.0):
+                what = f"the loss is {row['loss']:.4g} but the parameters or optimizer state"
+                what += " became non-finite"
+            if what:
+                raise DivergedError(
+                    f"{what} at step {s}; stopping without saving. The last good checkpoint "
+                    f"is {last_good}. Try a lower config.optim.lr_peak or "
                     "config.compute_dtype='float32'."
                 )
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
@@ -99,6 +111,7 @@ class StepMetrics:
         images_per_sec = (step - self.timer[1]) * self.batch_size / max(now - self.timer[0], 1e-9)
         seconds_left = (self.last_step - step) * self.batch_size / max(images_per_sec, 1e-9)
         mean["images_per_sec"] = images_per_sec
+        mean["data/skipped_during_run"] = self.stream.skipped
         if self.writer is not None:
             self.writer.write(step, mean)
         shown = {k: mean[k] for k in self.keys}
@@ -106,18 +119,19 @@ class StepMetrics:
         self.pending, self.timer = [], (now, step)
 
 
-def initial_state(trainer, checkpointer: Checkpointer, seed: int):
-    """The latest checkpoint's state (placed like `trainer.init`'s), or a fresh one."""
+def initial_state(trainer, checkpointer: Checkpointer, seed: int, fallback: bool):
+    """The latest intact checkpoint's state (placed like `trainer.init`'s), or a fresh one."""
     rng = jax.random.key(seed)
     if checkpointer.latest_step() is None:
         return trainer.init(rng)
-    state = checkpointer.restore(jax.eval_shape(trainer.init, rng))
+    state = checkpointer.restore(jax.eval_shape(trainer.init, rng), fallback=fallback)
     log.info("Resumed from step %d.", int(state.step))
     return state
 
 
-def input_stream(config: ml_collections.ConfigDict, source, start_step: int) -> Iterator[dict]:
-    """This process's slice of the batches from `start_step` on (a pure function of the step)."""
+def input_stream(config: ml_collections.ConfigDict, source, start_step: int):
+    """This process's slice of the batches from `start_step` on (a pure function of the step),
+    a `data.pipeline.Batches` that counts the examples whose file could not be read."""
     from scott_jax.data import pretrain_batches  # TensorFlow only where data is read
 
     return pretrain_batches(
@@ -140,21 +154,47 @@ def train_and_evaluate(
     *,
     stop_at_step: int | None = None,
 ) -> Outcome:
-    """Trains `config.method`, resuming from the latest checkpoint in `workdir` if any.
+    """Trains `config.method`, resuming from the latest intact checkpoint in `workdir`.
 
-    stop_at_step: end this run (with a checkpoint) after that many total steps, as a
-    preemption would; re-running the same call continues from there.
+    Every config value is checked before anything is read or written; the run then holds the
+    workdir's lock (`config.lock_workdir`) until it returns. stop_at_step: end this run (with
+    a checkpoint) after that many total steps, as a preemption would; re-running the same
+    call continues from there.
     """
     method = methods.of(config)
+    mesh = make_mesh()
+    check_common(config, mesh.size)
     method.check_config(config)
     workdir = os.fspath(workdir)
+    locked = config.lock_workdir and jax.process_index() == 0
+    with workdir_lock.hold(workdir) if locked else contextlib.nullcontext():
+        return run(config, workdir, method, mesh, stop_at_step)
+
+
+def check_same_data(config: ml_collections.ConfigDict, source, saved: dict) -> None:
+    """A resumed run reads the dataset its checkpoint was trained on (same size), unless
+    `config.data.accept_changed_dataset`."""
+    before = saved.get("num_examples")
+    if before is None or before == source.num_examples:
+        return
+    message = (
+        f"the dataset {config.data.name!r} has {source.num_examples} examples, but the run was "
+        f"checkpointed with {before}: files were added or removed since"
+    )
+    if not config.data.accept_changed_dataset:
+        raise DataError(
+            f"{message}. Resuming would silently change the schedule; restore the data, or "
+            "set config.data.accept_changed_dataset=True to continue on the new set"
+        )
+    log.warning("%s; continuing on the new set (config.data.accept_changed_dataset).", message)
+
+
+def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome:
+    """`train_and_evaluate` after the checks, with the workdir held."""
     source = method.train_source(config)
     lengths = optim.run_lengths(
         source.num_examples, config.batch_size, config.num_epochs, config.optim.lr_warmup_epochs
     )
-    mesh = make_mesh()
-    if config.batch_size % mesh.size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
     trainer = method.build_trainer(config, lengths, mesh, source)
     total_steps = lengths.total_steps
     checkpointer = Checkpointer(
@@ -162,8 +202,10 @@ def train_and_evaluate(
         max_to_keep=config.keep_checkpoints,
         save_interval_steps=config.checkpoint_every_steps,
     )
-    state = initial_state(trainer, checkpointer, config.seed)
+    state = initial_state(trainer, checkpointer, config.seed, config.checkpoint_fallback)
     start_step = int(state.step)
+    if checkpointer.latest_step() is not None:
+        check_same_data(config, source, checkpointer.restore_run(start_step))
     log.info(
         "%s on %d %s examples: step %d of %d (%d per epoch).",
         method.NAME,
@@ -173,13 +215,15 @@ def train_and_evaluate(
         total_steps,
         lengths.steps_per_epoch,
     )
-    batches = prefetch(trainer.add_masks(input_stream(config, source, start_step), start_step))
+    stream = input_stream(config, source, start_step)
+    batches = prefetch(trainer.add_masks(stream, start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
     if writer is not None:
         writer.write(start_step, {"data/skipped_files": len(source.skipped_files)})
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     metrics_log = StepMetrics(
         writer,
+        stream,
         batch_size=config.batch_size,
         total_steps=total_steps,
         last_step=last_step,
@@ -194,7 +238,8 @@ def train_and_evaluate(
     def save(step: int, force: bool) -> None:
         nonlocal last_saved
         flush(step)  # never checkpoint a state whose loss went non-finite
-        if checkpointer.save(step, state, config.to_dict(), force=force):
+        facts = {"num_examples": source.num_examples}
+        if checkpointer.save(step, state, config.to_dict(), force=force, run=facts):
             last_saved = step
 
     try:
@@ -227,4 +272,5 @@ def train_and_evaluate(
         if writer is not None:
             writer.close()
     finished = step == total_steps and trainer.finish is not None
-    return Outcome(state, trainer.finish(workdir, step) if finished else None)
+    results = trainer.finish(workdir, step) if finished else None
+    return Outcome(state, results, guard.received)

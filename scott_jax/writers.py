@@ -15,12 +15,14 @@ class MetricWriter:
     """Appends `{"step": s, ...}` lines to `workdir/metrics.jsonl` and writes TensorBoard events.
 
     Appending (not truncating) keeps the history of a run that was resumed; rows after the
-    resume step are what the resumed run wrote. Only process 0 should write.
+    resume step are what the resumed run wrote. A torn last line (a run killed mid-write) is
+    cut off first, so it never ends up inside the file. Only process 0 should write.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        _cut_torn_line(self.path)
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
@@ -47,10 +49,33 @@ class MetricWriter:
             self._tb.close()
 
 
+def _cut_torn_line(path: str) -> None:
+    """Truncates `path` after its last newline, if anything follows it."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("Cutting the torn last line of %s (a run stopped mid-write).", path)
+            f.truncate(end)
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """The rows of `workdir/metrics.jsonl`, in file order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of `workdir/metrics.jsonl`, in file order. A torn last line (a run killed
+    mid-write) is skipped with a warning; a bad line elsewhere is an error naming the file."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not JSON: {e}") from e
+            log.warning("Skipping the torn last line of %s (a run stopped mid-write).", path)
+    return rows
 
 
 def log_progress(

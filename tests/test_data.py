@@ -296,7 +296,7 @@ def test_jpeg_decodes_only_the_crop_window_other_formats_in_full():
 
 
 def test_pretrain_batches_bad_arguments(numbered):
-    with pytest.raises(ValueError, match=r"batch size 32 is larger than the dataset \(20 examples"):
+    with pytest.raises(ValueError, match=r"batch_size 32 is larger than the dataset \(20 examples"):
         pretrain_batches(numbered, batch_size=32, img_size=16, seed=0)
     with pytest.raises(ValueError, match="multiple of the process count 3"):
         pretrain_batches(numbered, batch_size=8, img_size=16, seed=0, process_count=3)

@@ -134,7 +134,9 @@ def test_launch_runs_the_loop_with_the_configs_method(config_file, method, tmp_p
 
     calls = []
     monkeypatch.setattr(
-        loop, "train_and_evaluate", lambda config, workdir: calls.append((config.method, workdir))
+        loop,
+        "train_and_evaluate",
+        lambda config, workdir: calls.append((config.method, workdir)) or loop.Outcome(None, None),
     )
     monkeypatch.syspath_prepend(str(ROOT))
     import launch

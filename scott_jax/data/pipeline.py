@@ -12,6 +12,8 @@ runs in a ``tf.data`` map (parallel, deterministic order; TensorFlow kept off th
 docs/design.md#input-pipeline.
 """
 
+import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,23 +21,13 @@ import tensorflow as tf
 
 from scott_jax.data import augment
 from scott_jax.data.sources import Source, decode_image
+from scott_jax.optim import steps_per_epoch  # the one definition of an epoch's steps
+
+log = logging.getLogger(__name__)
 
 # Mixed into the run seed so that shuffling and augmentation draw from different streams.
 _SHUFFLE_STREAM = 0x73687566  # "shuf"
 _AUGMENT_STREAM = 0x61756721  # "aug!"
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches per epoch, ⌊num_examples / batch_size⌋ (drop_last, as the reference)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    steps = num_examples // batch_size
-    if steps == 0:
-        raise ValueError(
-            f"batch size {batch_size} is larger than the dataset ({num_examples} examples): "
-            "with drop_last an epoch has no full batch"
-        )
-    return steps
 
 
 def pretrain_batches(
@@ -102,20 +94,65 @@ def pretrain_batches(
             context, target = augment.moca_views(
                 lambda crop_seed: window_at(index, crop_seed), seed_pair, img_size
             )
-            return {"context": context, "target": target, "label": tf.gather(labels, index)}
+            label = tf.gather(labels, index)
+            return {"context": context, "target": target, "label": label, "position": position}
         crop_seed, flip_seed, context_seed, target_seed = augment.view_seeds(seed_pair)
         window = window_at(index, crop_seed)
         view = augment.random_flip(augment.resize_window(window, img_size), flip_seed)
         label = tf.gather(labels, index)
         if color_on_device:
-            return {"view": view, "label": label}
+            return {"view": view, "label": label, "position": position}
         context, target = augment.color_views(view, context_seed, target_seed, aug)
-        return {"context": context, "target": target, "label": label}
+        return {"context": context, "target": target, "label": label, "position": position}
 
     ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_rows)
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if source.storage == "files":
+        # A file that vanished or changed since the start-up scan fails its read; the example
+        # is dropped (and counted by `Batches`) instead of stopping the run.
+        ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(hi - lo, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return Batches(
+        ds.as_numpy_iterator(), start_step=start_step, batch_size=batch_size, lo=lo, hi=hi
+    )
+
+
+class Batches:
+    """The iterator of `pretrain_batches`: numpy batches without their stream positions, and
+    `skipped`, the number of examples dropped so far because their file could not be read
+    (the positions of this host's slice that the stream jumped over)."""
+
+    def __init__(self, iterator, *, start_step: int, batch_size: int, lo: int, hi: int):
+        self._iterator = iterator
+        self._batch_size, self._lo, self._local = batch_size, lo, hi - lo
+        self._seen = self._count_upto(start_step * batch_size - 1)
+        self.skipped = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        position = batch.pop("position")
+        count = self._count_upto(int(position[-1]))
+        skipped = count - self._seen - len(position)
+        self._seen = count
+        if skipped:
+            self.skipped += skipped
+            log.warning(
+                "%d example(s) skipped: their image file vanished or changed during the run "
+                "(%d so far; TensorFlow's warning above names the file).",
+                skipped,
+                self.skipped,
+            )
+        return batch
+
+    def _count_upto(self, position: int) -> int:
+        """How many positions of this host's rows [lo, hi) of each global batch are <= it."""
+        if position < 0:
+            return 0
+        step, row = divmod(position, self._batch_size)
+        return step * self._local + min(max(row - self._lo + 1, 0), self._local)
 
 
 def eval_batches(
@@ -178,7 +215,7 @@ def _window_reader(source: Source, crop_scale: tuple[float, float]):
     if source.storage == "pixels":
         image_at = _image_reader(source)
         return lambda index, crop_seed: _crop(image_at(index), crop_seed, crop_scale)
-    contents_at = _contents_reader(source)
+    contents_at = _contents_reader(source, check_sizes=True)
 
     def jpeg_window(contents, crop_seed):
         shape = tf.image.extract_jpeg_shape(contents)
@@ -207,12 +244,38 @@ def _crop(image: tf.Tensor, crop_seed, crop_scale: tuple[float, float]) -> tf.Te
     return image[top : top + height, left : left + width]
 
 
-def _contents_reader(source: Source):
-    """A function: example index -> the encoded file's bytes (scalar tf.string)."""
+def _contents_reader(source: Source, check_sizes: bool = False):
+    """A function: example index -> the encoded file's bytes (scalar tf.string).
+
+    check_sizes: a file whose size is not the one it had when this reader was made fails the
+    read (InvalidArgumentError, naming the file), as a vanished one does (NotFoundError).
+    """
     images = tf.constant(source.images)
     if source.storage == "encoded":
         return lambda i: tf.gather(images, i)
-    return lambda i: tf.io.read_file(tf.gather(images, i))
+    if not check_sizes:
+        return lambda i: tf.io.read_file(tf.gather(images, i))
+    sizes = tf.constant([_size(path) for path in source.images.tolist()], tf.int64)
+
+    def read_checked(i):
+        path = tf.gather(images, i)
+        contents = tf.io.read_file(path)
+        changed = tf.debugging.Assert(
+            tf.equal(tf.cast(tf.strings.length(contents), tf.int64), tf.gather(sizes, i)),
+            ["image file changed size during the run:", path],
+        )
+        with tf.control_dependencies([changed]):
+            return tf.identity(contents)
+
+    return read_checked
+
+
+def _size(path: str) -> int:
+    """The file's size in bytes, or -1 if it cannot be read now (its read will fail)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def _local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from scott_jax.errors import DataError, MissingDataError
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("digits", "oxford_flowers102", "oxford_iiit_pet", "imagenet100")
@@ -230,11 +232,9 @@ def load_source(
         cannot be downloaded; the message says how to get it.
     """
     if purpose not in PURPOSES:
-        raise ValueError(
-            f"unknown split purpose {purpose!r}; known purposes: {', '.join(PURPOSES)}"
-        )
+        raise DataError(f"unknown split purpose {purpose!r}; known purposes: {', '.join(PURPOSES)}")
     if labels_per_class is not None and purpose != "probe_train":
-        raise ValueError(
+        raise DataError(
             f"labels_per_class applies to purpose 'probe_train' only, got purpose {purpose!r}"
         )
     if name.startswith(FOLDER_PREFIX):
@@ -247,7 +247,7 @@ def load_source(
         images, labels, num_classes, skipped = loader(name, splits, data_dir)
         select_fraction = SPLITS[name].select_fraction
     else:
-        raise ValueError(
+        raise DataError(
             f"unknown dataset {name!r}; known sources: {', '.join(SOURCES)}, or "
             f"'{FOLDER_PREFIX}<path>' for an image tree <path>/<split>/<class>/*.jpg"
         )
@@ -258,7 +258,7 @@ def load_source(
     if labels_per_class is not None:
         index = _per_class_subset(labels, index, labels_per_class, SPLIT_SEED)
     if index.size == 0:
-        raise ValueError(f"{name}: purpose {purpose!r} has no examples")
+        raise DataError(f"{name}: purpose {purpose!r} has no examples")
     return Source(name, purpose, images[index], labels[index], num_classes, skipped)
 
 
@@ -271,7 +271,7 @@ def purpose_splits(name: str, purpose: str, pretrain_split: str = "full") -> tup
     """
     splits = SPLITS[name]
     if pretrain_split not in splits.pretrain:
-        raise ValueError(
+        raise DataError(
             f"{name}: unknown pretrain_split {pretrain_split!r}; known: "
             f"{', '.join(splits.pretrain)}"
         )
@@ -396,7 +396,7 @@ def _tfds_builder(name: str, data_dir: str | None):
     probe = _DOWNLOAD_PROBES[name]
     if not _reachable(probe):
         root = builder.data_dir_root
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{name} is not prepared in {root} (looked for {builder.data_dir}) and its "
             f"download server does not answer ({probe}). On a machine with internet run\n"
             f'    python -c "import tensorflow_datasets as tfds; '
@@ -456,7 +456,7 @@ def _imagenet100(name: str, splits: Sequence[str], data_dir: str | None):
     candidates = [base, os.path.join(base, "imagenet100"), os.path.join(base, "imagenet-100")]
     root = next((c for c in candidates if os.path.isdir(os.path.join(c, splits[0]))), None)
     if root is None:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{name}: no {splits[0]}/ folder in {' or '.join(candidates)}. Point "
             "--config.data.data_dir at the folder holding train/<wnid>/ and val/<wnid>/; "
             "the docstring of scott_jax/data/sources.py has a recipe that makes it from the "
@@ -466,11 +466,11 @@ def _imagenet100(name: str, splits: Sequence[str], data_dir: str | None):
     for split in splits:
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
-            raise FileNotFoundError(f"{name}: no {split}/ folder in {root}")
+            raise MissingDataError(f"{name}: no {split}/ folder in {root}")
         folders, _, _ = _scan(split_dir)
         missing = sorted(set(IMAGENET100_WNIDS) - set(folders))
         if missing:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{name}: {len(missing)} of the 100 class folders are missing in {split_dir}: "
                 f"{_some(missing)}"
             )
@@ -497,10 +497,10 @@ def _folder(root: str, purpose: str, pretrain_split: str):
     """(paths, labels, num_classes, skipped) of ``purpose`` in the tree ``root/<split>/...``."""
     name = FOLDER_PREFIX + root
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{name}: no such folder")
+        raise MissingDataError(f"{name}: no such folder")
     split_names, loose, _ = _scan(root)
     if not split_names:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{name}: no split folders; expected {root}/<split>/<class>/*.jpg (or "
             f"{root}/<split>/*.jpg, unlabeled, for pretraining); {len(loose)} images lie "
             "directly in it"
@@ -508,7 +508,7 @@ def _folder(root: str, purpose: str, pretrain_split: str):
     scans = {split: _scan(os.path.join(root, split)) for split in split_names}
     classes = sorted({c for folders, _, _ in scans.values() for c in folders})
     if purpose != "pretrain" and len(classes) < 2:
-        raise ValueError(
+        raise DataError(
             f"{name}: purpose {purpose!r} needs labels: at least 2 class folders "
             f"({root}/<split>/<class>/*), found {len(classes)}; an unlabeled or single-class "
             "tree is for pretraining only"
@@ -548,7 +548,7 @@ def _folder(root: str, purpose: str, pretrain_split: str):
                 )
     _log_ignored(name, ignored)
     if not paths:
-        raise ValueError(
+        raise DataError(
             f"{name}: split {'+'.join(splits)} (purpose {purpose!r}) has no "
             f"{'/'.join(IMAGE_EXTENSIONS)} images"
         )
@@ -570,7 +570,7 @@ def _folder_splits(
         wanted = (FOLDER_PROBE_SPLIT,)
     missing = [s for s in wanted if s not in available]
     if missing:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{name}: purpose {purpose!r} reads split folder "
             f"{' or '.join(missing) if purpose == 'test' else '+'.join(missing)}, which is "
             f"not there; found: {', '.join(available)}"
@@ -588,7 +588,11 @@ def _scan(directory: str) -> tuple[list[str], list[str], collections.Counter]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # a symlink loop, a vanished target: an unreadable entry
+                is_dir = False
+            if is_dir:
                 folders.append(entry.name)
                 continue
             extension = os.path.splitext(entry.name)[1].lower()
@@ -737,7 +741,7 @@ def _per_class_subset(
     counts = np.bincount(labels[index])
     present = counts[counts > 0]
     if not 1 <= per_class <= present.min():
-        raise ValueError(
+        raise DataError(
             f"labels_per_class must be in [1, {present.min()}] (the smallest class of the "
             f"probe_train split), got {per_class}"
         )

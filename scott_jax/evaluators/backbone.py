@@ -12,6 +12,7 @@ from flax import linen as nn
 
 from scott_jax import methods
 from scott_jax.checkpoint import load_config, load_state_tree
+from scott_jax.errors import CheckpointError, ConfigError, MissingCheckpointError
 
 #: The random-init baseline: the run's architecture with its step-0 weights.
 RANDOM = "random"
@@ -48,19 +49,19 @@ def load_backbone(
     """
     directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
+        raise MissingCheckpointError(
             f"{workdir} is not a pretraining run: {directory} does not exist (probe.py needs "
             "the --workdir of a launch.py run)"
         )
     tree = load_state_tree(directory, step)
     if "step" not in tree:
-        raise ValueError(f"the checkpoint in {directory} has no 'step'; keys: {sorted(tree)}")
+        raise CheckpointError(f"the checkpoint in {directory} has no 'step'; keys: {sorted(tree)}")
     step = int(tree["step"]) if step is None else int(step)
     train_config = load_config(directory, step)
     method = methods.of(train_config)
     encoder = encoder or next(iter(method.ENCODERS))
     if encoder != RANDOM and encoder not in method.ENCODERS:
-        raise ValueError(
+        raise ConfigError(
             f"a {method.NAME} run has no {encoder!r} encoder; choose one of "
             f"{[*method.ENCODERS, RANDOM]}"
         )
@@ -74,7 +75,7 @@ def load_backbone(
     params = tree
     for key in keys:
         if not isinstance(params, Mapping) or key not in params:
-            raise ValueError(
+            raise CheckpointError(
                 f"{where}: the checkpoint has no {'/'.join(keys)} (its top-level keys: "
                 f"{sorted(tree)})"
             )
@@ -113,7 +114,7 @@ def _check_params(params, expected, where: str, train_config: Mapping) -> None:
             )
     if problems:
         described = {"variant": train_config.get("variant"), **train_config.get("model", {})}
-        raise ValueError(
+        raise CheckpointError(
             f"{where} does not match the encoder its saved config describes ({described}):\n  "
             + "\n  ".join(problems)
         )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from scott_jax.errors import ConfigError
 from scott_jax.evaluators import Evaluator
 from scott_jax.evaluators.features import extract_features
 
@@ -94,7 +95,9 @@ def knn_sources(data_config: Mapping) -> tuple:
             for purpose in ("probe_train", "test")
         )
     except ValueError as e:
-        raise ValueError(f"config.knn_every_epochs needs labeled data (or set it to 0): {e}") from e
+        raise ConfigError(
+            f"config.knn_every_epochs needs labeled data (or set it to 0): {e}"
+        ) from e
 
 
 def online_knn(
@@ -144,7 +147,7 @@ def knn_evaluator(
         return None
     every_steps = int(config.knn_every_epochs * steps_per_epoch)
     if every_steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.knn_every_epochs={config.knn_every_epochs} is less than one step "
             f"({steps_per_epoch} steps per epoch); raise it or set it to 0 (off)"
         )

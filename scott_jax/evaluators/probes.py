@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scott_jax import optim
+from scott_jax.errors import ConfigError
 from scott_jax.evaluators.backbone import RANDOM, load_backbone
 from scott_jax.evaluators.features import backbone_features, extract_features
 from scott_jax.evaluators.knn import knn_scores
@@ -62,7 +63,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     mesh = make_mesh()
     for name in ("batch_size", "eval_batch_size"):
         if settings[name] % mesh.size:
-            raise ValueError(f"{name} {settings[name]} is not divisible by {mesh.size} devices")
+            raise ConfigError(f"{name} {settings[name]} is not divisible by {mesh.size} devices")
     params = jax.device_put(backbone.params, NamedSharding(mesh, P()))
 
     # Features that never change: the evaluation splits (eval transform, frozen backbone),
@@ -280,7 +281,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     """Errors for settings that would otherwise fail late or silently."""
     check_selection_and_schedule(config)
     if config.selection == "reference" and config.labels_per_class is not None:
-        raise ValueError(
+        raise ConfigError(
             "selection='reference' reproduces the paper's full-label protocol; "
             "labels_per_class is for the honest rules"
         )

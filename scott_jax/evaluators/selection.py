@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from scott_jax.config_checks import Checks
 from scott_jax.evaluators.metrics import METRICS
 from scott_jax.models.probes import ATTENTIVE_PROBES
 
@@ -18,16 +19,18 @@ def check_selection_and_schedule(
     config: ml_collections.ConfigDict, rules: Sequence[str] = SELECTION_RULES
 ) -> None:
     """The selection rule (one of `rules`), epoch counts and warmup of a labelled run (the
-    probes; the supervised baselines, which have no 'reference' rule)."""
-    if config.selection not in rules:
-        raise ValueError(f"config.selection must be one of {rules}, got {config.selection!r}")
-    if config.num_epochs < 1 or config.eval_every_epochs < 1:
-        raise ValueError("config.num_epochs and config.eval_every_epochs must be >= 1")
-    if not 0 <= config.optim.lr_warmup_epochs <= config.num_epochs:
-        raise ValueError(
+    probes; the supervised baselines, which have no 'reference' rule); ConfigError."""
+    c = Checks(config)
+    c.choice("selection", rules)
+    c.number("num_epochs", low=1, integer=True)
+    c.number("eval_every_epochs", low=1, integer=True)
+    c.number("optim.lr_warmup_epochs", low=0)
+    if config.optim.lr_warmup_epochs > config.num_epochs:
+        c.fail(
             f"config.optim.lr_warmup_epochs={config.optim.lr_warmup_epochs} must lie in "
             f"[0, config.num_epochs={config.num_epochs}]"
         )
+    c.done()
 
 
 def selection_plan(rule: str, has_select_split: bool) -> tuple[str, str | None]:

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scott_jax import optim
+from scott_jax.config_checks import Checks
 from scott_jax.evaluators import Evaluator
 from scott_jax.evaluators.knn import knn_evaluator
 from scott_jax.evaluators.probe_steps import update_probe
@@ -39,15 +40,34 @@ class Trainer(NamedTuple):
     finish: Callable[[str, int], dict] | None = None
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """float32 scalar, 1 when every floating-point leaf of `tree` is finite, else 0."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])).astype(jnp.float32)
+
+
+def with_state_check(step: Callable) -> Callable:
+    """`step` that also reports 'state_finite': whether the new state (parameters, optimizer
+    state, EMA target) is all finite, one reduction inside the step. The loss can still be
+    finite when the update already is not; the loop never saves such a state."""
+
+    def checked(state, batch):
+        state, metrics = step(state, batch)
+        return state, {**metrics, "state_finite": all_finite(state)}
+
+    return checked
+
+
 def jit_trainer(mesh: jax.sharding.Mesh, init: Callable, step: Callable, **fields) -> Trainer:
     """Jits `init(rng)` and `step(state, batch)` over `mesh`: the state replicated and
-    donated, the batch sharded over 'data'. `fields`: the other `Trainer` fields."""
+    donated, the batch sharded over 'data', the metrics with 'state_finite'
+    (`with_state_check`). `fields`: the other `Trainer` fields."""
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
     return Trainer(
         init=jax.jit(init, out_shardings=replicated),
         step=jax.jit(
-            step,
+            with_state_check(step),
             in_shardings=(replicated, data_sharding),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
@@ -81,6 +101,14 @@ class TrainState:
     target_params: dict
     opt_state: optax.OptState
     probe: dict | None = None
+
+
+def check_ema_and_monitors(checks: Checks) -> None:
+    """The EMA momenta and the online monitors of the EMA-target methods."""
+    for name in ("ema_start", "ema_final"):
+        checks.number(f"optim.{name}", low=0, high=1)
+    checks.number("knn_every_epochs", low=0)
+    checks.choice("online_probe", (False, True))
 
 
 def pretrain_source(config: ml_collections.ConfigDict):

@@ -14,12 +14,14 @@ import ml_collections
 import optax
 
 from scott_jax import objectives, optim
+from scott_jax.config_checks import Checks
 from scott_jax.evaluators.metrics import pooled_std
 from scott_jax.masking_multiblock import MultiBlockSpec, check_spec, multiblock_masks
 from scott_jax.methods.base import (
     OnlineProbe,
     Trainer,
     TrainState,
+    check_ema_and_monitors,
     jit_trainer,
     online_knn,
     online_probe,
@@ -42,21 +44,26 @@ MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "c
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """I-JEPA's own fields, before any data is read or anything compiled."""
+    c = Checks(config)
     if config.data.color_on_device:
-        raise ValueError(
+        c.fail(
             "config.data.color_on_device is for MIM-JEPA's two views; I-JEPA reads one view "
             "(the recipe has no colour augmentation): set it to False"
         )
-    if config.ijepa.loss not in objectives.IJEPA_LOSSES:
-        raise ValueError(
-            f"unknown config.ijepa.loss {config.ijepa.loss!r}; expected one of "
-            f"{objectives.IJEPA_LOSSES}"
-        )
-    for name, kinds in (("wd_schedule", optim.WD_KINDS), ("ema_schedule", optim.EMA_KINDS)):
-        if config.ijepa[name] not in kinds:
-            raise ValueError(
-                f"unknown config.ijepa.{name} {config.ijepa[name]!r}; expected one of {kinds}"
-            )
+    c.choice("ijepa.loss", objectives.IJEPA_LOSSES)
+    c.choice("ijepa.wd_schedule", optim.WD_KINDS)
+    c.choice("ijepa.ema_schedule", optim.EMA_KINDS)
+    c.number("ijepa.num_targets", low=1, integer=True)
+    for name in ("target_scale", "context_scale"):
+        c.fraction_range(f"ijepa.{name}")
+    c.number("ijepa.min_keep", low=1, integer=True)
+    c.number("ijepa.max_context_tokens", low=1, integer=True, optional=True)
+    c.number("ijepa.predictor_dim", low=1, integer=True)
+    c.number("ijepa.predictor_depth", low=1, integer=True)
+    c.number("ijepa.predictor_heads", low=1, integer=True, optional=True)
+    c.number("ijepa.drop_path_rate", low=0, high=1, high_open=True)
+    check_ema_and_monitors(c)
+    c.done()
 
 
 def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:

@@ -13,12 +13,14 @@ import numpy as np
 import optax
 
 from scott_jax import masking, objectives, optim
+from scott_jax.config_checks import Checks
 from scott_jax.data import device_augment  # JAX only: imports no TensorFlow
 from scott_jax.evaluators.metrics import pooled_std
 from scott_jax.methods.base import (
     OnlineProbe,
     Trainer,
     TrainState,
+    check_ema_and_monitors,
     jit_trainer,
     online_knn,
     online_probe,
@@ -35,15 +37,13 @@ ENCODERS = {"context": ("params", "context_encoder"), "target": ("target_params"
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """MIM-JEPA's own fields, before any data is read or anything compiled."""
-    if config.mask.type not in masking.MASK_TYPES:
-        raise ValueError(
-            f"unknown config.mask.type {config.mask.type!r}; expected one of {masking.MASK_TYPES}"
-        )
-    if config.mask.blocks_are not in masking.BLOCKS_ARE:
-        raise ValueError(
-            f"unknown config.mask.blocks_are {config.mask.blocks_are!r}; expected one of "
-            f"{masking.BLOCKS_ARE}"
-        )
+    c = Checks(config)
+    c.choice("mask.type", masking.MASK_TYPES)
+    c.choice("mask.blocks_are", masking.BLOCKS_ARE)
+    c.number("mask.ratio", low=0, high=1, low_open=True, high_open=True)
+    c.number("predictor.depth", low=1, integer=True)
+    check_ema_and_monitors(c)
+    c.done()
 
 
 def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scott_jax import optim
+from scott_jax.config_checks import Checks
 from scott_jax.evaluators import Evaluator
 from scott_jax.evaluators.metrics import accuracies, classification_counts
 from scott_jax.evaluators.selection import check_selection_and_schedule, selection_plan, summarize
@@ -43,15 +44,16 @@ EVAL_SPLITS = ("test", "probe_select")
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The baseline's own fields, before any data is read or anything compiled."""
     check_selection_and_schedule(config, SELECTION_RULES)
-    if not 0.0 <= config.label_smoothing < 1.0:
-        raise ValueError(f"config.label_smoothing must lie in [0, 1), got {config.label_smoothing}")
-    if config.head not in PROBES:
-        raise ValueError(f"config.head must be one of {PROBES}, got {config.head!r}")
+    c = Checks(config)
+    c.number("label_smoothing", low=0, high=1, high_open=True)
+    c.choice("head", PROBES)
+    c.number("labels_per_class", low=1, integer=True, optional=True)
     if config.data.color_on_device:
-        raise ValueError(
+        c.fail(
             "config.data.color_on_device is for the pretraining methods' two views; the "
             "supervised baseline reads one view: set it to False"
         )
+    c.done()
 
 
 def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:
