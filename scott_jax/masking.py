@@ -130,6 +130,7 @@ class _BlockwiseConfig(NamedTuple):
     min_block_area: float
     log_aspect: tuple[float, float]
     max_attempts: int
+    max_block_area: int  # BEiT's `max_num_patches`; num_patches when uncapped
 
 
 def _draw_attempts(
@@ -160,7 +161,8 @@ def _blockwise_bits(
     list, one list of the accepted (top, left, h, w) per mask is appended to it.
 
     The official `_mask` loop (docs/design.md#masking). Outer loop: while fewer than ``budget``
-    patches are set, try to add a block with the missing count P as the limit. A call makes up
+    patches are set, try to add a block with the missing count P as the limit (BEiT caps P at
+    ``cfg.max_block_area``, its `max_num_patches`, so one block never exceeds it). A call makes up
     to ``max_attempts`` attempts and stops at the first accepted block: area ~ U(min_block_area,
     P) (which lies in [P, min_block_area] when P is smaller), log aspect ~ U(log aspect_range),
     h and w the half-to-even rounded sides sqrt(area * aspect) and sqrt(area / aspect), kept
@@ -178,7 +180,7 @@ def _blockwise_bits(
         bits = count = 0
         accepted = []
         while count < budget:
-            missing = budget - count
+            missing = min(budget - count, cfg.max_block_area)
             span = missing - min_area
             faithful = reachable[missing]
             for _ in range(max_attempts):
@@ -242,6 +244,7 @@ def _blockwise_config(
     min_block_area: float,
     aspect_range: tuple[float, float],
     max_attempts: int,
+    max_block_area: int | None = None,
 ) -> _BlockwiseConfig:
     # A block spans at most grid - 1 patches per side, so a 1x1 grid has no block at all.
     grid = _check_int("grid", grid, 2)
@@ -264,8 +267,9 @@ def _blockwise_config(
         # kept set is their complement. K stays ceil((1 - ratio) N) for both readings, so the
         # number of context tokens (a static shape) does not depend on this flag.
         budget, invert = grid * grid - kept, True
+    cap = grid * grid if max_block_area is None else _check_int("max_block_area", max_block_area, 1)
     plan = _block_plan(grid, min_block_area, log_aspect)
-    return _BlockwiseConfig(plan, budget, invert, min_block_area, log_aspect, max_attempts)
+    return _BlockwiseConfig(plan, budget, invert, min_block_area, log_aspect, max_attempts, cap)
 
 
 def _blockwise_batch(
@@ -284,6 +288,7 @@ def blockwise_keep_mask(
     min_block_area: float = MIN_BLOCK_AREA,
     aspect_range: tuple[float, float] = ASPECT_RANGE,
     max_attempts: int = MAX_ATTEMPTS,
+    max_block_area: int | None = None,
 ) -> np.ndarray:
     """One blockwise keep-mask, [grid * grid] bool, row-major, True = keep.
 
@@ -299,8 +304,12 @@ def blockwise_keep_mask(
     reference's; BEiT uses a minimum area of 4 and aspect [0.3, 1/0.3]. max_attempts
     is kept for parity but cannot change the masks: a call whose attempts all fail
     leaves the mask as it was, and the outer loop calls again with the same budget.
+    max_block_area caps the patches one block may add (BEiT's `max_num_patches`; None: no
+    cap, the reference's behaviour).
     """
-    cfg = _blockwise_config(grid, ratio, blocks_are, min_block_area, aspect_range, max_attempts)
+    cfg = _blockwise_config(
+        grid, ratio, blocks_are, min_block_area, aspect_range, max_attempts, max_block_area
+    )
     return _blockwise_batch(rng, 1, int(grid), cfg, chunk=32)[0]
 
 

@@ -116,3 +116,50 @@ def block_regression_loss(
         elementwise = diff * diff
     weight = jnp.asarray(valid, jnp.float32)
     return (elementwise.sum(-1) * weight).sum() / (weight.sum() * pred.shape[-1])
+
+
+# --------------------------------------------------------------------------- SplitMask
+
+
+def mim_cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Masked-image-modelling loss (BEiT's `CrossEntropyLoss` over the predicted tokens).
+
+    logits [B, P, V] at the P predicted positions, tokens int [B, P] their visual words ->
+    the mean cross-entropy, a float32 scalar (computed in float32 whatever the input dtype).
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, tokens[..., None], axis=-1).mean()
+
+
+#: `negatives` of `info_nce`: the other branch's descriptors of the other images (SplitMask
+#: Eq. 2), or also the same branch's (SimCLR's NT-Xent, 2B − 2 negatives).
+NCE_NEGATIVES = ("other_branch", "simclr")
+
+
+def info_nce(
+    za: jax.Array, zb: jax.Array, tau: float, negatives: str = "other_branch"
+) -> jax.Array:
+    """SplitMask's symmetrised InfoNCE (paper §4.3, Eq. 2) between the two branches'
+    descriptors za, zb [B, D] of the same B images; a float32 scalar.
+
+    ẑ = z/‖z‖, logits ẑ_a ẑ_bᵀ/τ, cross-entropy with the matching image as the positive, in
+    both directions, averaged. 'simclr' adds the same branch's other images as negatives.
+    """
+    if negatives not in NCE_NEGATIVES:
+        raise ValueError(f"unknown negatives {negatives!r}; expected one of {NCE_NEGATIVES}")
+    za, zb = (z.astype(jnp.float32) for z in (za, zb))
+    za = za / jnp.maximum(jnp.linalg.norm(za, axis=-1, keepdims=True), 1e-12)
+    zb = zb / jnp.maximum(jnp.linalg.norm(zb, axis=-1, keepdims=True), 1e-12)
+    batch = za.shape[0]
+    positives = jnp.sum(za * zb, -1) / tau  # [B]
+    cross = za @ zb.T / tau
+    candidates_a, candidates_b = cross, cross.T  # rows: a's (b's) anchors over the other branch
+    if negatives == "simclr":
+        off_diagonal = ~jnp.eye(batch, dtype=bool)
+        same_a = jnp.where(off_diagonal, za @ za.T / tau, -jnp.inf)
+        same_b = jnp.where(off_diagonal, zb @ zb.T / tau, -jnp.inf)
+        candidates_a = jnp.concatenate([cross, same_a], axis=1)
+        candidates_b = jnp.concatenate([cross.T, same_b], axis=1)
+    loss_a = jax.nn.logsumexp(candidates_a, axis=1) - positives
+    loss_b = jax.nn.logsumexp(candidates_b, axis=1) - positives
+    return 0.5 * (loss_a.mean() + loss_b.mean())

@@ -24,6 +24,9 @@ import optax
 EMA_KINDS = ("linear", "cosine", "linear_from_zero")
 #: `kind` values of `wd_schedule`: the reference's linear one, I-JEPA's cosine one.
 WD_KINDS = ("linear", "cosine")
+#: `lr_kind` values of `make`: the reference's warmup-flat-cosine (`lr_schedule`) and BEiT's
+#: per-iteration `cosine_scheduler` (`beit_lr_schedule`), which SplitMask follows.
+LR_KINDS = ("warmup_flat_cosine", "beit")
 
 
 def _check_total_steps(total_steps: int) -> None:
@@ -90,6 +93,47 @@ def lr_schedule(
     return schedule
 
 
+def beit_lr_schedule(
+    total_steps: int, warmup_steps: int, lr_start: float, lr_peak: float, lr_final: float
+) -> optax.Schedule:
+    """BEiT's `utils.cosine_scheduler` (microsoft/unilm beit), indexed by the 0-based update
+    t = count, unlike the reference's k = count + 1: with W = warmup_steps and T = total_steps,
+    - t < W: linspace(lr_start, lr_peak, W)[t], so the first update uses lr_start (BEiT: 0)
+      and update W − 1 the peak;
+    - otherwise lr_final + ½(lr_peak − lr_final)(1 + cos(π(t − W)/(T − W))).
+    """
+    _check_total_steps(total_steps)
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
+        )
+
+    def schedule(count: chex.Numeric) -> jax.Array:
+        t = jnp.asarray(count).astype(jnp.float32)
+        warmup = lr_start + (lr_peak - lr_start) * t / max(1, warmup_steps - 1)
+        cosine = _cosine((t - warmup_steps) / max(1, total_steps - warmup_steps), lr_peak, lr_final)
+        return jnp.where(t < warmup_steps, warmup, cosine)
+
+    return schedule
+
+
+def lr_schedule_of(
+    kind: str,
+    total_steps: int,
+    warmup_steps: int,
+    lr_start: float,
+    lr_peak: float,
+    lr_final: float,
+    flat_pctg: float,
+) -> optax.Schedule:
+    """The LR schedule of `kind` (`LR_KINDS`); BEiT's has no flat phase (flat_pctg unused)."""
+    if kind == "warmup_flat_cosine":
+        return lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
+    if kind == "beit":
+        return beit_lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final)
+    raise ValueError(f"unknown LR schedule kind {kind!r}; expected one of {LR_KINDS}")
+
+
 def wd_schedule(
     total_steps: int, wd_start: float, wd_final: float, kind: str = "linear"
 ) -> optax.Schedule:
@@ -136,7 +180,8 @@ def decay_mask(params: chex.ArrayTree) -> chex.ArrayTree:
 
     The reference's rule on parameter names: no decay if the name contains "bias" or the
     tensor is 1-D. Here a leaf is not decayed if its key path contains "bias" or its
-    ndim <= 1 (the models have no 0-d parameters, so this equals the reference's `== 1`).
+    ndim <= 1 (the models have no 0-d parameters, so this equals the reference's `== 1`),
+    nor a learned `pos_embed` (SplitMask's, as BEiT's `no_weight_decay`).
     So LayerNorm scale / bias and Dense / conv biases are excluded, while conv and Dense
     kernels and the 3-D `mask_token` and `registers` are decayed, as in the reference.
 
@@ -146,7 +191,10 @@ def decay_mask(params: chex.ArrayTree) -> chex.ArrayTree:
     parameters entirely, whereas optax would decay them.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: "bias" not in jax.tree_util.keystr(path) and jnp.ndim(leaf) > 1,
+        lambda path, leaf: (
+            not any(name in jax.tree_util.keystr(path) for name in ("bias", "pos_embed"))
+            and jnp.ndim(leaf) > 1
+        ),
         params,
     )
 
@@ -165,6 +213,7 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     wd_kind: str = "linear",
+    lr_kind: str = "warmup_flat_cosine",
 ) -> optax.GradientTransformation:
     """torch AdamW with scheduled LR and WD: p ← p − lr_k·wd_k·p·mask − lr_k·adam_k (official).
 
@@ -173,7 +222,7 @@ def make_optimizer(
     lr_k like torch's p·(1 − lr·wd). `add_decayed_weights` takes the WD schedule directly
     (it keeps its own step counter, in step with the LR's), and `decay_mask` limits it to
     the decayed group. The state is a tuple of NamedTuples of arrays (orbax-checkpointable).
-    `wd_kind` picks the WD schedule (`wd_schedule`).
+    `wd_kind` picks the WD schedule (`wd_schedule`), `lr_kind` the LR's (`lr_schedule_of`).
     """
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -181,7 +230,9 @@ def make_optimizer(
             wd_schedule(total_steps, wd_start, wd_final, wd_kind), mask=decay_mask
         ),
         optax.scale_by_learning_rate(
-            lr_schedule(total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg)
+            lr_schedule_of(
+                lr_kind, total_steps, warmup_steps, lr_start, lr_peak, lr_final, flat_pctg
+            )
         ),
     )
 
@@ -281,6 +332,7 @@ def make(
     *,
     wd_kind: str = "linear",
     ema_kind: str | None = None,
+    lr_kind: str = "warmup_flat_cosine",
     first_step: int = 1,
     lr_decay_steps: int | None = None,
     clip_norm: float | None = None,
@@ -290,8 +342,8 @@ def make(
 
     `optim_config` has lr_start / lr_peak / lr_final / lr_flat_pctg, wd_start / wd_final, b1,
     b2, eps and, when `ema_kind` is given, ema_start / ema_final (configs/common.py names).
-    Unknown schedule kinds fail here, before anything is compiled; `wd_kind` picks the WD
-    schedule, `ema_kind` the EMA's. MOCA's recipe (official
+    Unknown schedule kinds fail here, before anything is compiled; `lr_kind` picks the LR
+    schedule (`lr_schedule_of`), `wd_kind` the WD's, `ema_kind` the EMA's. MOCA's recipe (official
     `util/misc.py`, `compute_lr`, `adjust_weight_decay`) needs the rest: `first_step=0`
     evaluates the LR and WD at k = count (its e = t / ipe with a 0-based t, so the first LR
     is 0) instead of count + 1 (the EMA keeps count + 1, its update coming after the step);
@@ -303,7 +355,8 @@ def make(
     if first_step not in (0, 1):
         raise ValueError(f"first_step must be 0 or 1, got {first_step}")
     shift = 1 - first_step
-    lr = lr_schedule(
+    lr = lr_schedule_of(
+        lr_kind,
         lr_decay_steps or lengths.total_steps,
         lengths.warmup_steps,
         o["lr_start"],

@@ -17,9 +17,9 @@ Adding a method: its module, its config block (configs/<method>.py) and one line
 from collections.abc import Mapping
 from types import ModuleType
 
-from scott_jax.methods import ijepa, mim_jepa, moca, supervised
+from scott_jax.methods import ijepa, mim_jepa, moca, splitmask, supervised
 
-METHODS: dict[str, ModuleType] = {m.NAME: m for m in (mim_jepa, ijepa, supervised, moca)}
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (mim_jepa, ijepa, supervised, splitmask, moca)}
 
 
 def get(name: str | None) -> ModuleType:
