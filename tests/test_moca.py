@@ -427,3 +427,20 @@ def test_configs_select_moca():
         moca.check_config(tiny_moca_config(**{"moca.num_words": 15}))
     with pytest.raises(ValueError, match="no interior"):
         moca.check_config(tiny_moca_config(**{"moca.bow_border": 3}))
+
+
+def test_remat_keeps_the_parameters_and_the_gradients():
+    kwargs = dict(tokenizer="vit", img_size=64, depth=2, num_heads=2, embed_dim=32)
+    plain, remat = models.Encoder(**kwargs), models.Encoder(**kwargs, remat=True)
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    params = plain.init(jax.random.key(1), images)
+    chex.assert_trees_all_equal_shapes(params, remat.init(jax.random.key(1), images))
+    ids = jnp.array([[0, 3, 5], [1, 2, 9]], jnp.int32)
+
+    def loss(p, module):
+        last, inner = module.apply(p, images, ids, intermediate=1)
+        return jnp.sum(last**2) + jnp.sum(inner**3)
+
+    chex.assert_trees_all_close(
+        jax.grad(loss)(params, plain), jax.grad(loss)(params, remat), rtol=1e-4, atol=1e-4
+    )

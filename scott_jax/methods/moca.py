@@ -99,6 +99,7 @@ def build_encoder(config: Mapping, compute_dtype: str | None = None) -> models.E
     return models.Encoder(
         **{k: kwargs[k] for k in ("tokenizer", "img_size", *MODEL_FIELDS)},
         cls_token=config["moca"]["cls_token"],
+        remat=bool(dict(config.get("model", {})).get("remat", False)),
         dtype=dtype,
     )
 
@@ -124,6 +125,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
             c.decoder_depth,
             c.decoder_heads,
             encoder.mlp_ratio,
+            remat=encoder.remat,
             dtype=encoder.dtype,
         ),
         models.WeightGenerator(encoder.embed_dim, hidden),

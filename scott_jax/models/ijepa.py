@@ -84,7 +84,8 @@ class Block(nn.Module):
         return drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array | None, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None, train: bool) -> jax.Array:
+        """`train` may be positional: `nn.remat` needs it as a static positional argument."""
         dim = x.shape[-1]
         y = Attention(self.num_heads, self.out_init_std, self.dtype, self.xavier, name="attn")(
             _layer_norm("norm1", self.dtype)(x), valid

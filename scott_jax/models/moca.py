@@ -42,13 +42,13 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     return x / jnp.maximum(norm, NORMALIZE_EPS)
 
 
-def _blocks(x, depth, num_heads, mlp_ratio, dtype) -> list[jax.Array]:
-    """The outputs of `depth` xavier-initialised pre-norm blocks, one per block."""
+def _blocks(x, depth, num_heads, mlp_ratio, dtype, remat=False) -> list[jax.Array]:
+    """The outputs of `depth` xavier-initialised pre-norm blocks, one per block; `remat`
+    recomputes each block's insides in the backward pass (same parameters and numbers)."""
+    block = nn.remat(Block, static_argnums=(3,)) if remat else Block
     outputs = []
     for i in range(depth):
-        x = Block(num_heads, mlp_ratio, dtype=dtype, xavier=True, name=f"block_{i}")(
-            x, None, train=False
-        )
+        x = block(num_heads, mlp_ratio, dtype=dtype, xavier=True, name=f"block_{i}")(x, None, False)
         outputs.append(x)
     return outputs
 
@@ -74,6 +74,7 @@ class Encoder(nn.Module):
     mlp_ratio: float = 4.0
     cls_token: bool = True
     conv_impl: str = "auto"
+    remat: bool = False  # gradient checkpointing of the blocks (and the SCOTT stem)
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -108,6 +109,7 @@ class Encoder(nn.Module):
                 self.img_size,
                 self.patch_size,
                 conv_impl=self.conv_impl,
+                remat=self.remat,
                 dtype=self.dtype,
             )
         if ids_keep is not None and self.tokenizer == "scott":
@@ -126,7 +128,7 @@ class Encoder(nn.Module):
             x, extra = jnp.concatenate([cls, x], axis=1), 1
         if intermediate is not None and not 1 <= intermediate <= self.depth:
             raise ValueError(f"intermediate block {intermediate} is not in [1, {self.depth}]")
-        outputs = _blocks(x, self.depth, self.num_heads, self.mlp_ratio, self.dtype)
+        outputs = _blocks(x, self.depth, self.num_heads, self.mlp_ratio, self.dtype, self.remat)
         last = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(outputs[-1])
         last = last[:, extra:]
         if intermediate is None:
@@ -191,6 +193,7 @@ class CondenserDecoder(nn.Module):
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
+    remat: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -207,7 +210,7 @@ class CondenserDecoder(nn.Module):
             [x[:, :1] + pos[0], x[:, 1:] + pos[visible_idx + 1], queries + pos[masked_idx + 1]],
             axis=1,
         )
-        x = _blocks(x, self.depth, self.num_heads, self.mlp_ratio, self.dtype)[-1]
+        x = _blocks(x, self.depth, self.num_heads, self.mlp_ratio, self.dtype, self.remat)[-1]
         return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)[:, 1:]
 
 
