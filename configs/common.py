@@ -70,4 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lock_workdir = True
     # A damaged latest checkpoint: resume from the newest intact one (False: stop instead).
     config.checkpoint_fallback = True
+    # Resuming with a config that differs from WORKDIR/config.json (in more than logging and
+    # saving intervals) is an error listing the differences, unless True.
+    config.accept_config_changes = False
     return config

@@ -244,7 +244,64 @@ def from_torch(
 
 # --------------------------------------------------------------------------- MOCA
 
+
 #: timm block keys (`models_moca.py`, `Block`) -> this package's pre-norm block (models.ijepa).
+def _conv_to_torch(w):
+    return np.asarray(w).transpose(3, 2, 0, 1)
+
+
+_INVERSE = {_linear: _linear, _conv: _conv_to_torch, _same: _same}
+_GROUP = re.compile(r"\([^)]*\)")
+
+
+def _inverse_rules(rules, torch_base: str, flax_base: str):
+    """(flax path regex, torch key template, transform) from the forward (torch -> flax) rules:
+    the same table read backwards, so the two directions cannot drift apart."""
+    inverse = []
+    for pattern, target, transform in rules:
+        groups = _GROUP.findall(pattern)
+        flax_regex = re.escape(flax_base + target)
+        for i, group in enumerate(groups, start=1):
+            flax_regex = flax_regex.replace(re.escape(f"\\{i}"), group)
+        counter = iter(range(1, len(groups) + 1))
+        torch_template = torch_base + _GROUP.sub(lambda _, c=counter: f"\\{next(c)}", pattern)
+        inverse.append((flax_regex, torch_template.replace("\\.", "."), _INVERSE[transform]))
+    return tuple(inverse)
+
+
+_TO_TORCH = (
+    *_inverse_rules(_TRANSFORMER_RULES, "transformer.", "transformer/"),
+    *_inverse_rules(_TOKENIZER_RULES, "tokenizer.", "tokenizer/"),
+    *_inverse_rules(_HEAD_RULES, "head.", ""),
+)
+
+
+def to_torch(params: Mapping, module: Encoder | Predictor) -> dict[str, np.ndarray]:
+    """scott_jax params of an `Encoder` or `Predictor` -> the official state_dict (numpy
+    arrays under the official names), which the official modules load with `strict=True`.
+
+    The inverse of `convert_state_dict`, read off the same rules. It adds what the official
+    modules hold and scott_jax computes: `transformer.pos_embed` (zeros for the registers,
+    then the 2-D sin-cos embedding) and, for a predictor, its never-used mask token (zeros).
+    """
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    state = {}
+    for path, value in flat.items():
+        for flax_regex, torch_template, transform in _TO_TORCH:
+            if re.fullmatch(flax_regex, path):
+                state[re.sub(flax_regex, torch_template, path)] = transform(value)
+                break
+        else:
+            raise ValueError(f"no official name for the parameter {path!r}")
+    dim = flat["transformer/block_0/attn/qkv/kernel"].shape[0]
+    registers = np.zeros((module.num_register_tokens, dim), np.float32)
+    pos_embed = np.concatenate([registers, sincos_pos_embed(dim, module.grid_size)])
+    state["transformer.pos_embed"] = np.asarray(pos_embed, np.float32)
+    if isinstance(module, Predictor):
+        state["transformer.msk_embed"] = np.zeros((1, 1, dim), np.float32)
+    return state
+
+
 _TIMM_BLOCK_RULES = (
     (r"(\d+)\.norm(1|2)\.weight", r"block_\1/norm\2/scale", _same),
     (r"(\d+)\.norm(1|2)\.bias", r"block_\1/norm\2/bias", _same),

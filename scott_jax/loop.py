@@ -9,6 +9,7 @@ an uninterrupted one exactly. Metrics go to WORKDIR/metrics.jsonl and TensorBoar
 """
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -25,7 +26,7 @@ import numpy as np
 from scott_jax import methods, optim, workdir_lock
 from scott_jax.checkpoint import Checkpointer, preemption_guard
 from scott_jax.config_checks import check_common
-from scott_jax.errors import DataError, DivergedError
+from scott_jax.errors import ConfigError, DataError, DivergedError
 from scott_jax.sharding import make_mesh, to_global
 from scott_jax.writers import MetricWriter, log_progress
 
@@ -164,11 +165,94 @@ def train_and_evaluate(
     method = methods.of(config)
     mesh = make_mesh()
     check_common(config, mesh.size)
+    log_devices(config)
     method.check_config(config)
     workdir = os.fspath(workdir)
     locked = config.lock_workdir and jax.process_index() == 0
     with workdir_lock.hold(workdir) if locked else contextlib.nullcontext():
+        record_config(config, workdir)
         return run(config, workdir, method, mesh, stop_at_step)
+
+
+def log_devices(config: ml_collections.ConfigDict) -> None:
+    """Which devices the run uses, and a warning when an accelerator recipe runs on CPU."""
+    devices = jax.devices()
+    platform, kind = devices[0].platform, devices[0].device_kind
+    log.info(
+        "JAX %s on %s: %d device(s) of kind %r, %d process(es).",
+        jax.__version__,
+        platform,
+        len(devices),
+        kind,
+        jax.process_count(),
+    )
+    if platform == "cpu" and config.img_size >= ACCELERATOR_IMG_SIZE:
+        log.warning(
+            "This %d px config is meant for a GPU or TPU but runs on the CPU: install JAX for "
+            "your accelerator (README, Install) or expect it to be very slow.",
+            config.img_size,
+        )
+
+
+#: Image sizes from which a config is an accelerator recipe (the paper's are 224 px).
+ACCELERATOR_IMG_SIZE = 192
+
+
+#: Fields a resumed run may change without `config.accept_config_changes`: they change how
+#: the run is logged, saved or located, not what it trains.
+MAY_CHANGE = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "knn_every_epochs",
+    "lock_workdir",
+    "checkpoint_fallback",
+    "accept_config_changes",
+    "data.data_dir",
+    "data.accept_changed_dataset",
+)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """{'optim.lr_peak': 5e-4, ...}: a config dict's leaves by dotted path (tuples as lists)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Logs the resolved config and keeps it as WORKDIR/config.json. Resuming a run with a
+    config that differs from the recorded one in fields other than `MAY_CHANGE` is a
+    ConfigError listing the differences, unless `config.accept_config_changes`."""
+    current = json.loads(config.to_json())
+    log.info("Config:\n%s", json.dumps(current, indent=1, sort_keys=True))
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = flat_config(json.load(f))
+        now = flat_config(current)
+        changed = [
+            f"{key}: {recorded.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+            for key in sorted(recorded.keys() | now.keys())
+            if key not in MAY_CHANGE and recorded.get(key) != now.get(key)
+        ]
+        if changed and not config.accept_config_changes:
+            raise ConfigError(
+                f"the config differs from the one this run started with ({path}):\n  "
+                + "\n  ".join(changed)
+                + "\nresume with the same config, use a new --workdir, or set "
+                "config.accept_config_changes=True"
+            )
+        if changed:
+            log.warning("Resuming with a changed config: %s", "; ".join(changed))
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(current, f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
 
 
 def check_same_data(config: ml_collections.ConfigDict, source, saved: dict) -> None:

@@ -10,6 +10,7 @@ the step (no state to fast-forward on resume), traceable under `jax.jit`, and re
 logging and the EMA; `run_lengths` is the one place where epochs become steps.
 """
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -280,12 +281,21 @@ def run_lengths(
     num_examples: int, batch_size: int, num_epochs: float, warmup_epochs: float
 ) -> RunLengths:
     """Epochs -> steps, the one place it happens: T = int(epochs · ipe), W = int(warmup · ipe)
-    with ipe = `steps_per_epoch` (fractional epochs allowed, truncated like the reference)."""
-    if not 0 <= warmup_epochs <= num_epochs:
-        raise ValueError(
-            f"config.optim.lr_warmup_epochs={warmup_epochs} must lie in "
-            f"[0, config.num_epochs={num_epochs}]"
+    with ipe = `steps_per_epoch` (fractional epochs allowed, truncated like the reference).
+
+    A warmup longer than the run (a short test run of a recipe) is clamped to the whole run,
+    with a warning: the LR then rises for the entire run, as it would for its first epochs.
+    """
+    if warmup_epochs < 0:
+        raise ValueError(f"config.optim.lr_warmup_epochs={warmup_epochs} must be >= 0")
+    if warmup_epochs > num_epochs:
+        logging.getLogger(__name__).warning(
+            "config.optim.lr_warmup_epochs=%s is longer than the run (%s epochs): the warmup "
+            "is clamped to the whole run.",
+            warmup_epochs,
+            num_epochs,
         )
+        warmup_epochs = num_epochs
     ipe = steps_per_epoch(num_examples, batch_size)
     total = int(num_epochs * ipe)
     if total < 1:

@@ -488,7 +488,7 @@ def test_mismatched_checkpoint_is_a_loud_error(tmp_path):
 def test_config_errors():
     for overrides, message in [
         ({"selection": "best"}, "config.selection"),
-        ({"num_epochs": 10}, "lr_warmup_epochs"),
+        ({"optim.lr_warmup_epochs": -1.0}, "lr_warmup_epochs"),
         ({"selection": "reference", "labels_per_class": 5}, "labels_per_class"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -2,6 +2,7 @@
 configs, CLI."""
 
 import importlib.util
+import json
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from PIL import Image
 from scott_jax import loop, masking, methods, objectives, optim
 from scott_jax.checkpoint import Checkpointer, load_state_tree
 from scott_jax.data.augment_spec import IMAGENET_MEAN, IMAGENET_STD
+from scott_jax.errors import ConfigError
 from scott_jax.methods import mim_jepa
 from scott_jax.sharding import make_mesh
 from scott_jax.writers import read_metrics
@@ -109,8 +111,7 @@ def test_run_lengths_match_the_worked_example():
     assert optim.run_lengths(8189, 128, 300, 40).total_steps == 18_900
     with pytest.raises(ValueError, match="larger than the dataset"):
         optim.run_lengths(8189, 10_000, 300, 40)
-    with pytest.raises(ValueError, match="lr_warmup_epochs"):
-        optim.run_lengths(8189, 64, 10, 20)
+    assert optim.run_lengths(8189, 64, 10, 20) == optim.RunLengths(127, 1270, 1270)  # clamped
 
 
 def test_unknown_method_and_dtype_are_errors():
@@ -467,3 +468,17 @@ def test_checkpoints_of_the_previous_layout_still_load(name, tmp_path):
     assert int(state.step) == 3
     losses = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
     assert sorted(losses) == [1, 2, 3] and np.isfinite(losses[3])
+
+
+def test_the_config_is_recorded_and_a_changed_resume_is_refused(tmp_path):
+    config = tiny_config()
+    loop.record_config(config, str(tmp_path))
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["optim"]["lr_peak"] == config.optim.lr_peak
+    loop.record_config(tiny_config(log_every_steps=7), str(tmp_path))  # may change
+    changed = tiny_config(**{"optim.lr_peak": 1e-3, "mask.ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"(?s)mask.ratio: 0.6 -> 0.5.*optim.lr_peak"):
+        loop.record_config(changed, str(tmp_path))
+    changed.accept_config_changes = True
+    loop.record_config(changed, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr_peak"] == 1e-3

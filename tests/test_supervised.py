@@ -65,7 +65,7 @@ def test_config_errors():
         ({"head": "mlp"}, "config.head"),
         ({"selection": "reference"}, "config.selection"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
-        ({"num_epochs": 10}, "lr_warmup_epochs"),
+        ({"optim.lr_warmup_epochs": -1.0}, "lr_warmup_epochs"),
     ]:
         config = supervised_config(**overrides)
         with pytest.raises(ValueError, match=message):
