@@ -12,7 +12,8 @@ outputs - aliased + temporaries), peak_rss_gb (the process), and on a GPU/TPU wi
 peak the MFU.
 
 `--method moca` times MOCA's step instead (`scott_jax.methods.moca`, configs/moca.py), with
-its two views and masking rounds.
+its two views and masking rounds; `--method splitmask` SplitMask's (configs/flowers_splitmask.py:
+the 75 % uniform split, 8192 random-projection words), e.g. `--variant vit-12/16`.
 
 `--compile-only` lowers and compiles without running (no step_times, no timings): the way
 to read the compiled memory of a configuration too large for this machine, e.g.
@@ -49,7 +50,7 @@ PEAK_TFLOPS = {
 def parser() -> argparse.ArgumentParser:
     """Command-line flags, shared with profile_step.py."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="mim_jepa", choices=["mim_jepa", "moca"])
+    parser.add_argument("--method", default="mim_jepa", choices=["mim_jepa", "moca", "splitmask"])
     parser.add_argument("--variant", default="scott-7/16")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -68,11 +69,14 @@ def setup(args):
     import jax
     import numpy as np
 
-    from configs import common, mim_jepa, moca
+    from configs import common, flowers_splitmask, mim_jepa, moca
     from scott_jax import masking, methods, optim
     from scott_jax.sharding import make_mesh
 
-    config = {"mim_jepa": mim_jepa, "moca": moca}[args.method].apply(common.get_config())
+    if args.method == "splitmask":
+        config = flowers_splitmask.get_config()
+    else:
+        config = {"mim_jepa": mim_jepa, "moca": moca}[args.method].apply(common.get_config())
     config.variant, config.img_size, config.batch_size = args.variant, args.img_size, args.batch
     config.compute_dtype = args.dtype
     config.model.conv_impl = args.conv_impl
@@ -94,6 +98,9 @@ def setup(args):
         stream = iter([{**batch, "label": np.zeros(args.batch, np.int32)}])
         batch = next(method.masked_batches(stream, config, sizes, grid * grid, 0))
         del batch["label"]
+    if args.method == "splitmask":  # the one view and the step's split
+        stream = iter([{"context": batch["context"]}])
+        batch = next(method.masked_batches(stream, grid, config.splitmask.split, 0, 0))
     batch = jax.device_put(batch, trainer.data_sharding)
     state = jax.eval_shape(trainer.init, jax.random.key(0))
     if not args.compile_only:

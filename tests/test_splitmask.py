@@ -297,6 +297,48 @@ def test_step_on_8_devices_equals_1_device_and_never_recompiles():
     )
 
 
+def test_the_other_readings_train_too():
+    """One step with every non-default reading: unequal subsets (two encoder passes), MAE's
+    decoder positions, sin-cos encoder positions, the visible-token descriptor, SimCLR's
+    negatives and the symmetric vocabulary."""
+    config = tiny_splitmask_config(
+        **{
+            "splitmask.split": "complement",
+            "splitmask.decoder_pos": "mae",
+            "splitmask.pos_embed": "sincos",
+            "splitmask.descriptor": "visible",
+            "splitmask.negatives": "simclr",
+            "splitmask.vocab_dist": "symmetric",
+            "splitmask.token_pixels": "normalized",
+        }
+    )
+    _, state, (metrics,) = run_steps(config, jax.devices()[:1], num_steps=1)
+    assert "pos_embed" not in state.params["encoder"] and "pos_embed" in state.params["decoder"]
+    assert np.isfinite(metrics["loss"]) and metrics["nce"] > 0 and metrics["mim"] > 0
+
+
+def test_random_patch_vocabulary_holds_one_patch_per_image():
+    """10 images, 16 words, batches of 4: each word is the normalised half-resolution patch
+    of its image at its position; the 10 images are all used before any is reused."""
+    from scott_jax.data import Source, eval_batches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    source = Source("digits", "pretrain", images, np.zeros(10, np.int32), 10)
+    config = tiny_splitmask_config(
+        batch_size=4, **{"splitmask.target": "random_patches", "splitmask.vocab_size": 16}
+    )
+    encoder = splitmask.build_encoder(config)
+    vocab = splitmask.data_vocabulary(config, source, encoder)
+    picks, positions = visual_words.patch_picks("random_patches", config.seed, 10, 64, 16, 0)
+    assert sorted(picks[:10].tolist()) == list(range(10))
+    pixels = np.concatenate([b["image"] for b in eval_batches(source, batch_size=5, img_size=64)])
+    patches = np.asarray(visual_words.tokenizer_patches(pixels, 8))
+    expected = patches[picks, positions]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(vocab, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_configs_select_splitmask_and_bad_flags_fail_early():
     flowers = load_config("flowers_splitmask")
     assert (flowers.method, flowers.variant, flowers.img_size) == ("splitmask", "vit-12/16", 224)
