@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from scott_jax import masking_split, objectives, optim, visual_words
+from scott_jax.config_checks import Checks
 from scott_jax.methods.base import Trainer, jit_trainer, online_knn, pretrain_source
 from scott_jax.models import encoder_kwargs, resolve_dtype
 from scott_jax.models.splitmask import (
@@ -32,7 +33,6 @@ from scott_jax.models.splitmask import (
     mim_head,
     position_table,
 )
-from scott_jax.models.tokenizers import patch_grid
 from scott_jax.models.transformer import gather_tokens
 
 log = logging.getLogger(__name__)
@@ -61,42 +61,43 @@ CHOICES = {
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """SplitMask's own fields, before any data is read or anything compiled."""
-    c = config.splitmask
+    c = Checks(config)
     for name, allowed in CHOICES.items():
-        if c[name] not in allowed:
-            raise ValueError(
-                f"unknown config.splitmask.{name} {c[name]!r}; expected one of {allowed}"
-            )
+        c.choice(f"splitmask.{name}", allowed)
+    for name in ("vocab_size", "kmeans_patches", "decoder_depth"):
+        c.number(f"splitmask.{name}", low=2 if name == "vocab_size" else 1, integer=True)
+    c.number("splitmask.kmeans_iters", low=0, integer=True)
+    c.number("splitmask.decoder_heads", low=1, integer=True, optional=True)
+    c.number("splitmask.drop_path_rate", low=0, high=1, high_open=True)
+    for name in ("tau", "clip_grad"):
+        c.number(f"splitmask.{name}", low=0, low_open=True)
+    for name in ("mim_weight", "nce_weight"):
+        c.number(f"splitmask.{name}", low=0)
+    c.number("knn_every_epochs", low=0)
     if config.data.color_on_device:
-        raise ValueError(
+        c.fail(
             "config.data.color_on_device is for MIM-JEPA's two views; SplitMask reads one view: "
             "set it to False"
         )
     if config.online_probe:
-        raise ValueError(
+        c.fail(
             "SplitMask has no online probe (it has no target encoder); monitor it with "
             "config.knn_every_epochs instead"
         )
-    for name in ("tau", "clip_grad"):
-        if not c[name] > 0:
-            raise ValueError(f"config.splitmask.{name} must be > 0, got {c[name]}")
-    if c.vocab_size < 2 or c.decoder_depth < 1:
-        raise ValueError(
-            f"config.splitmask.vocab_size ({c.vocab_size}) must be >= 2 and decoder_depth "
-            f"({c.decoder_depth}) >= 1"
-        )
+    c.done()
     encoder = build_encoder(config)  # unknown variant / dtype / patch size fail here
     if encoder.patch_size % 2:
-        raise ValueError(
+        c.fail(
             f"the visual-word tokenizer reads patches at half resolution: patch_size "
             f"{encoder.patch_size} must be even"
         )
-    heads = c.decoder_heads or encoder.num_heads
+    heads = config.splitmask.decoder_heads or encoder.num_heads
     if encoder.embed_dim % heads:
-        raise ValueError(
+        c.fail(
             f"the decoder's width {encoder.embed_dim} is not divisible by its {heads} heads "
             "(config.splitmask.decoder_heads)"
         )
+    c.done()
 
 
 def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:
@@ -105,9 +106,11 @@ def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:
     `splitmask.drop_path_rate` / `depth_rescale_init` / `pos_embed`."""
     dtype = resolve_dtype(compute_dtype or config.get("compute_dtype", "float32"))
     overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
-    kwargs = encoder_kwargs(config["variant"], config["img_size"])
-    kwargs.update({k: v for k, v in overrides.items() if k in MODEL_FIELDS})
-    patch_grid(config["img_size"], kwargs["patch_size"])
+    kwargs = encoder_kwargs(
+        config["variant"],
+        config["img_size"],
+        **{k: v for k, v in overrides.items() if k in MODEL_FIELDS},
+    )
     c = config["splitmask"]
     return Encoder(
         **{k: kwargs[k] for k in ("tokenizer", "img_size", *MODEL_FIELDS)},
