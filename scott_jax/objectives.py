@@ -1,5 +1,6 @@
 """MIM-JEPA objective (official `src/mimjepa.py`): normalised targets and masked Smooth-L1;
-and I-JEPA's block regression loss (I-JEPA code: `src/train.py`, `loss_fn`).
+I-JEPA's block regression loss (I-JEPA code: `src/train.py`, `loss_fn`); and SplitMask's
+cross-entropy over visual words and symmetric InfoNCE (El-Nouby et al., §4.2-4.3).
 
 The target encoder sees the second view unmasked; its features are layer-normalised
 without affine parameters and detached. The loss compares the predictor's output with
