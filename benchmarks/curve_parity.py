@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np
+import numpy as np  # noqa: E402
 
 
 def load_config(path: str, overrides: list[str]):
@@ -126,11 +126,14 @@ def main() -> None:
         if seed is not None and own_init:
             return trainer, trainer.init(jax.random.key(seed))
         tx = optim.make(config.optim, lengths, ema_kind="linear").tx
-        params = {"context_encoder": encoder_params, "predictor": predictor_params}
+        # A copy per run: the jitted step donates its state.
+        params = jax.tree.map(
+            jax.numpy.array, {"context_encoder": encoder_params, "predictor": predictor_params}
+        )
         state = TrainState(
             step=jax.numpy.zeros((), jax.numpy.int32),
             params=params,
-            target_params=jax.tree.map(jax.numpy.copy, encoder_params),
+            target_params=jax.tree.map(jax.numpy.array, encoder_params),
             opt_state=tx.init(params),
         )
         return trainer, state
