@@ -502,3 +502,43 @@ def test_imagenet100_missing_wnids_are_listed(tmp_path):
     assert IMAGENET100_WNIDS[3] in message and "... and 77 more" in message
     with pytest.raises(FileNotFoundError, match="no val/ folder"):
         load_source("imagenet100", "test", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Any TFDS image dataset: tfds:<builder>
+
+
+def test_tfds_split_defaults_follow_the_builders_splits():
+    table = sources.tfds_splits(["train", "validation", "test"], {})
+    assert (table.probe, table.test) == (("train", "validation"), ("test",))
+    assert table.pretrain["full"] == ("train", "validation", "test")
+    assert table.pretrain["train"] == ("train",)
+    no_test = sources.tfds_splits(["train", "validation"], {})
+    assert (no_test.probe, no_test.test) == (("train",), ("validation",))
+    chosen = sources.tfds_splits(["train", "test", "extra"], {"probe": ("train", "extra")})
+    assert chosen.probe == ("train", "extra") and chosen.pretrain["full"][-1] == "extra"
+    with pytest.raises(ValueError, match="cannot tell the probe and test splits"):
+        sources.tfds_splits(["unlabeled"], {})
+
+
+def test_tfds_names_parse_and_bad_ones_are_clear():
+    assert sources.parse_tfds_name("tfds:dtd?probe=train+validation&test=test") == (
+        "dtd",
+        {"probe": ("train", "validation"), "test": ("test",)},
+    )
+    with pytest.raises(ValueError, match=r"expected tfds:<builder>"):
+        sources.parse_tfds_name("tfds:dtd?pretrain=train")
+    with pytest.raises(ValueError, match="TFDS has no dataset 'no_such_dataset'"):
+        load_source("tfds:no_such_dataset", "pretrain")
+
+
+def test_any_tfds_image_dataset_loads_under_mock_data(offline_ok):
+    """dtd (Describable Textures, 47 classes) through the generic path, splits named."""
+    name = "tfds:dtd?probe=train+validation&test=test"
+    with tfds.testing.mock_data(num_examples=6):
+        pretrain = load_source(name, "pretrain", pretrain_split="train+validation")
+        probe = load_source(name, "probe_train")
+        test = load_source(name, "test")
+    assert pretrain.storage == "encoded" and pretrain.num_classes == 47
+    assert (pretrain.num_examples, test.num_examples) == (12, 6)
+    assert probe.num_examples <= 12 and probe.num_classes == 47

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 SOURCES = ("digits", "oxford_flowers102", "oxford_iiit_pet", "imagenet100")
 #: ``folder:<path>`` names an image tree ``<path>/<split>/<class>/*``.
 FOLDER_PREFIX = "folder:"
+#: ``tfds:<builder>[?probe=<splits>&test=<splits>]`` names any TFDS image dataset.
+TFDS_PREFIX = "tfds:"
 PURPOSES = ("pretrain", "probe_train", "probe_select", "test")
 #: Image files read from folders, matched case-insensitively (``ImageFolder``'s extensions).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -241,6 +243,16 @@ def load_source(
         root = os.path.expanduser(name[len(FOLDER_PREFIX) :])
         images, labels, num_classes, skipped = _folder(root, purpose, pretrain_split)
         select_fraction = FOLDER_SELECT_FRACTION
+    elif name.startswith(TFDS_PREFIX):
+        builder_name, overrides = parse_tfds_name(name)
+        builder = _tfds_builder(builder_name, data_dir)
+        table = tfds_splits(list(builder.info.splits), overrides)
+        if purpose == "pretrain" and "+" in pretrain_split:  # as for folders: a+b
+            splits = tuple(pretrain_split.split("+"))
+        else:
+            splits = _splits_of(name, table, purpose, pretrain_split)
+        images, labels, num_classes, skipped = _tfds(builder_name, splits, data_dir, builder)
+        select_fraction = table.select_fraction
     elif name in SOURCES:
         splits = purpose_splits(name, purpose, pretrain_split)
         loader = {"digits": _digits_splits, "imagenet100": _imagenet100}.get(name, _tfds)
@@ -248,7 +260,8 @@ def load_source(
         select_fraction = SPLITS[name].select_fraction
     else:
         raise DataError(
-            f"unknown dataset {name!r}; known sources: {', '.join(SOURCES)}, or "
+            f"unknown dataset {name!r}; known sources: {', '.join(SOURCES)}, "
+            f"'{TFDS_PREFIX}<builder>' for any TFDS image dataset, or "
             f"'{FOLDER_PREFIX}<path>' for an image tree <path>/<split>/<class>/*.jpg"
         )
     index = np.arange(labels.shape[0])
@@ -269,7 +282,10 @@ def purpose_splits(name: str, purpose: str, pretrain_split: str = "full") -> tup
     between them is made after loading. E.g. flowers ``pretrain`` -> (train, validation, test),
     read by TFDS as ``'train+validation+test'``.
     """
-    splits = SPLITS[name]
+    return _splits_of(name, SPLITS[name], purpose, pretrain_split)
+
+
+def _splits_of(name: str, splits: Splits, purpose: str, pretrain_split: str) -> tuple[str, ...]:
     if pretrain_split not in splits.pretrain:
         raise DataError(
             f"{name}: unknown pretrain_split {pretrain_split!r}; known: "
@@ -278,6 +294,48 @@ def purpose_splits(name: str, purpose: str, pretrain_split: str = "full") -> tup
     if purpose == "pretrain":
         return splits.pretrain[pretrain_split]
     return splits.test if purpose == "test" else splits.probe
+
+
+def parse_tfds_name(name: str) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """'tfds:dtd?probe=train+validation&test=test' -> ('dtd', {'probe': ('train',
+    'validation'), 'test': ('test',)}); only 'probe' and 'test' can be given."""
+    builder, _, query = name[len(TFDS_PREFIX) :].partition("?")
+    overrides = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in ("probe", "test") or not value:
+            raise DataError(f"{name}: expected tfds:<builder>[?probe=<a+b>&test=<c>], got {item!r}")
+        overrides[key] = tuple(value.split("+"))
+    if not builder:
+        raise DataError(f"{name}: no TFDS builder name after {TFDS_PREFIX!r}")
+    return builder, overrides
+
+
+def tfds_splits(names: Sequence[str], overrides: dict[str, tuple[str, ...]]) -> Splits:
+    """The split table of a TFDS dataset with splits `names` (its builder's, once prepared).
+
+    Defaults: test is 'test', else 'validation', else 'val'; the probes read every other
+    split that starts with 'train' or is 'validation' / 'val' not used as test; pretraining
+    'full' reads every split (the paper's setting), each split alone by its name, or a
+    '+'-joined list (`load_source`).
+    `overrides` ('probe', 'test') replace the defaults.
+    """
+    names = list(names) or [s for v in overrides.values() for s in v]
+    test = overrides.get("test") or next(
+        ((s,) for s in ("test", "validation", "val") if s in names), ()
+    )
+    probe = overrides.get("probe") or tuple(
+        s for s in names if s not in test and (s.startswith("train") or s in ("validation", "val"))
+    )
+    if not test or not probe:
+        raise DataError(
+            f"cannot tell the probe and test splits from the builder's splits {names}: name "
+            "them, e.g. tfds:<builder>?probe=train&test=test"
+        )
+    full = tuple(dict.fromkeys([*names, *probe, *test]))
+    return Splits(
+        pretrain={"full": full, **{s: (s,) for s in full}}, probe=probe, test=test, sizes={}
+    )
 
 
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
@@ -352,7 +410,7 @@ def _digits_split(labels: np.ndarray) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- TFDS
 
 
-def _tfds(name: str, splits: Sequence[str], data_dir: str | None):
+def _tfds(name: str, splits: Sequence[str], data_dir: str | None, builder=None):
     """(encoded images, labels, num_classes, skipped) of TFDS dataset ``name``'s ``splits``.
 
     Each split is read once with ``SkipDecoding`` (the JPEG bytes stay encoded: ~10x less
@@ -362,8 +420,14 @@ def _tfds(name: str, splits: Sequence[str], data_dir: str | None):
     """
     import tensorflow_datasets as tfds
 
-    builder = _tfds_builder(name, data_dir)
+    builder = builder or _tfds_builder(name, data_dir)
     features = builder.info.features
+    if not {"image", "label"} <= set(features):
+        raise DataError(
+            f"{name} has no 'image' and 'label' features (it has {sorted(features)}): not an "
+            "image classification dataset"
+        )
+    named = "file_name" in features
     decoders = {
         key: tfds.decode.SkipDecoding()
         for key, feature in features.items()
@@ -372,10 +436,12 @@ def _tfds(name: str, splits: Sequence[str], data_dir: str | None):
     images, labels = [], []
     for split in splits:
         ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
-        ds = ds.map(lambda ex: (ex["file_name"], ex["image"], ex["label"])).batch(1024)
+        ds = ds.map(
+            lambda ex: (ex["file_name"] if named else tf.constant(""), ex["image"], ex["label"])
+        ).batch(1024)
         parts = list(ds.as_numpy_iterator())
         file_names = np.concatenate([p[0] for p in parts])
-        order = np.argsort(file_names, kind="stable")
+        order = np.argsort(file_names, kind="stable")  # TFDS order when there are no names
         images.append(np.concatenate([p[1] for p in parts])[order])
         labels.append(np.concatenate([p[2] for p in parts])[order].astype(np.int32))
         _check_size(name, split, order.size)
@@ -390,10 +456,13 @@ def _tfds_builder(name: str, data_dir: str | None):
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"TFDS has no dataset {name!r}: {str(e).splitlines()[0]}") from e
     if builder.is_prepared():
         return builder
-    probe = _DOWNLOAD_PROBES[name]
+    probe = _DOWNLOAD_PROBES.get(name) or builder.info.homepage
     if not _reachable(probe):
         root = builder.data_dir_root
         raise MissingDataError(
@@ -433,8 +502,8 @@ def _reachable(url: str) -> bool:
 
 
 def _check_size(name: str, split: str, size: int) -> None:
-    expected = SPLITS[name].sizes[split]
-    if size != expected:
+    expected = SPLITS[name].sizes.get(split) if name in SPLITS else None
+    if expected is not None and size != expected:
         log.warning(
             "%s: split %r has %d examples, the reference's has %d: results are "
             "not comparable to the paper's.",
