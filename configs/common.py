@@ -46,6 +46,17 @@ def get_config() -> ml_collections.ConfigDict:
     # views on the accelerator (scott_jax.data.device_augment), halving the host CPU per image.
     config.data.color_on_device = False
     config.data.crop_scale = (0.2, 1.0)
+    # Where the pretraining images are kept (scott_jax.data.device_cache, docs/data.md):
+    # 'none' streams, decoding every image every epoch on the host; 'device' decodes once and
+    # keeps them in device memory, the step cropping, resizing and colouring both views (the
+    # host only sends indices); 'auto': 'device' on a GPU / TPU when the set fits the budget,
+    # else 'none' (on a CPU streaming is as fast: the device is the host).
+    config.data.cache = "auto"
+    # The cached images' shorter side in px (larger images are shrunk); None: 2 x img_size.
+    config.data.cache_size = ml_collections.FieldReference(None, field_type=int)
+    # The most device memory (GiB, per device: the cache is replicated) the cache may take,
+    # and never over half the device's memory.
+    config.data.cache_max_gb = 16.0
     # Resuming on a dataset whose size changed since the checkpoint is an error unless True.
     config.data.accept_changed_dataset = False
 

@@ -100,6 +100,11 @@ def check_common(config: Mapping, device_count: int) -> None:
     c.choice("model.ffn_layer", ("swiglu", "mlp"))
     c.choice("data.aug", AUGMENTATIONS)
     c.fraction_range("data.crop_scale")
+    c.choice("data.cache", ("none", "device", "auto"))
+    c.number("data.cache_size", low=1, integer=True, optional=True)
+    c.number("data.cache_max_gb", low=0, low_open=True)
+    if c.value("data.cache") == "device" and c.value("data.aug") == "moca":
+        c.fail("config.data.cache='device' makes one crop per image; aug='moca' needs one per view")
     c.number("optim.lr_warmup_epochs", low=0)  # longer than the run: clamped, with a warning
     for name in ("lr_start", "lr_peak", "lr_final", "wd_start", "wd_final"):
         c.number(f"optim.{name}", low=0)

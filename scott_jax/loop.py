@@ -130,11 +130,21 @@ def initial_state(trainer, checkpointer: Checkpointer, seed: int, fallback: bool
     return state
 
 
-def input_stream(config: ml_collections.ConfigDict, source, start_step: int):
+def input_stream(config: ml_collections.ConfigDict, source, start_step: int, cached=False):
     """This process's slice of the batches from `start_step` on (a pure function of the step),
-    a `data.pipeline.Batches` that counts the examples whose file could not be read."""
-    from scott_jax.data import pretrain_batches  # TensorFlow only where data is read
+    a `data.pipeline.Batches` that counts the examples whose file could not be read.
+    cached: the images are in a device cache; the batches hold references to them."""
+    from scott_jax.data import pretrain_batches, pretrain_indices  # TensorFlow only here
 
+    if cached:
+        return pretrain_indices(
+            source,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     return pretrain_batches(
         source,
         batch_size=config.batch_size,
@@ -147,6 +157,34 @@ def input_stream(config: ml_collections.ConfigDict, source, start_step: int):
         aug=config.data.aug,
         color_on_device=config.data.color_on_device,
     )
+
+
+def cached_trainer_step(config: ml_collections.ConfigDict, source, mesh, trainer):
+    """(the step the loop calls, whether the images are in a device cache): `trainer.step`, or
+    with `config.data.cache` in effect the step that makes the views from the cache, which is
+    built here, once per run (docs/data.md#the-device-cache)."""
+    from scott_jax.data import cache_build, device_cache  # TensorFlow only where data is read
+
+    one_crop = config.data.aug != "moca"  # MOCA's views have a crop each: stream them
+    cache = cache_build.load_device_cache(
+        source,
+        mode=config.data.cache if one_crop else "none",
+        img_size=config.img_size,
+        cache_size=config.data.cache_size,
+        budget_gb=config.data.cache_max_gb,
+        mesh=mesh,
+    )
+    if cache is None:
+        return trainer.step, False
+    step = device_cache.cached_step(
+        trainer.step,
+        cache,
+        seed=config.seed,
+        img_size=config.img_size,
+        crop_scale=config.data.crop_scale,
+        aug=config.data.aug,
+    )
+    return step, True
 
 
 def train_and_evaluate(
@@ -299,7 +337,8 @@ def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome
         total_steps,
         lengths.steps_per_epoch,
     )
-    stream = input_stream(config, source, start_step)
+    train_step, cached = cached_trainer_step(config, source, mesh, trainer)
+    stream = input_stream(config, source, start_step, cached)
     batches = prefetch(trainer.add_masks(stream, start_step))
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
     if writer is not None:
@@ -331,7 +370,7 @@ def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome
             step = start_step
             while step < last_step:
                 batch = to_global(next(batches), trainer.data_sharding)
-                state, metrics = trainer.step(state, batch)
+                state, metrics = train_step(state, batch)
                 step += 1
                 metrics_log.add(step, metrics)
                 if step % config.log_every_steps == 0:

@@ -18,7 +18,7 @@ _EXPORTS = {
         "two_views",
     ),
     "augment_spec": ("AUGMENTATIONS", "IMAGENET_MEAN", "IMAGENET_STD"),
-    "pipeline": ("eval_batches", "pretrain_batches", "steps_per_epoch"),
+    "pipeline": ("eval_batches", "pretrain_batches", "pretrain_indices", "steps_per_epoch"),
     "sources": (
         "FOLDER_PREFIX",
         "IMAGENET100_WNIDS",

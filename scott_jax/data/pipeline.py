@@ -72,10 +72,7 @@ def pretrain_batches(
 
     def epoch_rows(epoch):
         """(index, stream position) of this host's examples in epoch ``epoch``, from the start."""
-        key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(num_examples, dtype=tf.int64), key
-        )
+        order = _epoch_order(shuffle_key, epoch, num_examples)
         index = tf.reshape(order[: epoch_steps * batch_size], [epoch_steps, batch_size])
         first = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64), 0)
         steps = epoch * epoch_steps + tf.range(first, epoch_steps, dtype=tf.int64)  # [S]
@@ -115,6 +112,58 @@ def pretrain_batches(
     return Batches(
         ds.as_numpy_iterator(), start_step=start_step, batch_size=batch_size, lo=lo, hi=hi
     )
+
+
+def pretrain_indices(
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The stream of a cached run (``config.data.cache``): ``pretrain_batches``' examples in
+    the same batches, as references for ``device_cache.with_views`` instead of pixels.
+
+    Yields numpy dicts with this host's b = batch_size // process_count rows: 'context' and
+    'target' (one array), int32 [b, 2] of (example index, position in the global stream),
+    from which the step makes both views; and 'label', int32 [b]. Same determinism contract
+    as ``pretrain_batches``; the host work is one shuffle per epoch and a slice per step.
+    """
+    lo, hi = _local_rows(batch_size, process_index, process_count)
+    epoch_steps = steps_per_epoch(source.num_examples, batch_size)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    shuffle_key = tf.constant([seed, _SHUFFLE_STREAM], tf.int64)
+    labels = np.asarray(source.labels, np.int32)
+
+    def generate():
+        epoch, offset = divmod(start_step, epoch_steps)
+        while True:
+            order = _epoch_order(shuffle_key, tf.constant(epoch, tf.int64), source.num_examples)
+            order = order.numpy()[: epoch_steps * batch_size].reshape(epoch_steps, batch_size)
+            for row in range(offset, epoch_steps):
+                first = (epoch * epoch_steps + row) * batch_size
+                if first + batch_size > 2**31:
+                    raise OverflowError("stream positions beyond 2^31 do not fit the int32 refs")
+                index = order[row, lo:hi].astype(np.int32)
+                refs = np.stack([index, np.arange(first + lo, first + hi, dtype=np.int32)], 1)
+                yield {
+                    "context": refs,
+                    "target": refs,
+                    "label": labels[index],
+                    "position": refs[:, 1],
+                }
+            epoch, offset = epoch + 1, 0
+
+    return Batches(generate(), start_step=start_step, batch_size=batch_size, lo=lo, hi=hi)
+
+
+def _epoch_order(shuffle_key: tf.Tensor, epoch, num_examples: int) -> tf.Tensor:
+    """int64 [N]: epoch ``epoch``'s permutation of the example indices (int64 ``epoch``)."""
+    key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+    return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64), key)
 
 
 class Batches:
