@@ -8,6 +8,13 @@ per second of CPU time the process used: what one fully busy core delivers, and 
 than the wall clock by other processes on the machine), the load average and the arguments. A
 GPU step that consumes N images/s needs about N / images_per_cpu_sec host cores for the input.
 
+``--cache device`` measures a cached run instead (``config.data.cache='device'``): it builds the
+device cache (cache_build_sec, cache_gib, peak_rss_gb) and then times the host's whole share of
+a step, the index stream and its transfer to the device (``pretrain_indices`` + ``to_global``).
+Both modes print host_ms_per_image, the host CPU time per image. With ``--time-device`` the
+cached mode also times ``device_cache.make_views`` (crop, resize, flip, colour, normalise; both
+views) on one batch and prints its XLA cost analysis FLOPs (device_flops_per_batch).
+
 ``--color-on-device`` measures the pipeline mode that leaves the colour augmentation and the
 normalisation to the jitted step (``config.data.color_on_device``); ``--time-device`` then
 also times ``device_augment.two_views`` on one batch on JAX's default backend
@@ -31,7 +38,12 @@ def main() -> None:
     parser.add_argument("--color-on-device", action="store_true")
     parser.add_argument("--time-device", action="store_true", help="with --color-on-device")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="none", choices=["none", "device"])
+    parser.add_argument("--cache-size", type=int, default=None, help="config.data.cache_size")
     args = parser.parse_args()
+    if args.cache == "device":
+        print(json.dumps({**cached(args), **vars(args)}))
+        return
 
     from scott_jax.data import load_source, pretrain_batches
 
@@ -57,6 +69,7 @@ def main() -> None:
         "images_per_sec": round(images_per_sec, 1),
         "images_per_sec_per_core": round(images_per_sec / cores, 1),
         "images_per_cpu_sec": round(args.batches * args.batch / cpu_seconds, 1),
+        "host_ms_per_image": round(1000 * cpu_seconds / (args.batches * args.batch), 4),
         "cores": cores,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "sec_per_batch": round(seconds / args.batches, 4),
@@ -65,6 +78,72 @@ def main() -> None:
     if args.color_on_device and args.time_device:
         result.update(device_cost(images, args.aug, args.seed))
     print(json.dumps({**result, **vars(args)}))
+
+
+def cached(args) -> dict:
+    """Build time and size of the device cache, then the host CPU per image of the cached
+    stream (index batches and their transfer), and with --time-device the views' cost."""
+    import resource
+
+    import jax
+
+    from scott_jax.data import cache_build, device_cache, load_source, pretrain_indices
+    from scott_jax.sharding import make_mesh, to_global
+
+    source = load_source(args.data, "pretrain", data_dir=args.data_dir)
+    mesh = make_mesh()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    cache = cache_build.load_device_cache(
+        source,
+        mode="device",
+        img_size=args.img_size,
+        cache_size=args.cache_size,
+        budget_gb=1e9,
+        mesh=mesh,
+    )
+    build_sec, build_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    stream = pretrain_indices(source, batch_size=args.batch, seed=args.seed)
+    jax.block_until_ready(to_global(next(stream), sharding))
+    batches = max(args.batches, 200)  # a batch takes microseconds
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        batch = to_global(next(stream), sharding)
+    jax.block_until_ready(batch)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    result = {
+        "host_ms_per_image": round(1000 * cpu_seconds / (batches * args.batch), 5),
+        "images_per_cpu_sec": round(batches * args.batch / cpu_seconds, 1),
+        "images_per_sec": round(batches * args.batch / seconds, 1),
+        "cache_build_sec": round(build_sec, 1),
+        "cache_build_cpu_sec": round(build_cpu, 1),
+        "cache_shape": list(cache.images.shape),
+        "cache_gib": round(cache.images.nbytes / 2**30, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "num_examples": source.num_examples,
+    }
+    if args.time_device:
+        make = jax.jit(
+            lambda c, refs: device_cache.make_views(
+                c, refs[:, 0], refs[:, 1], seed=args.seed, img_size=args.img_size, aug=args.aug
+            )
+        )
+        refs = batch["context"]
+        compiled = make.lower(cache, refs).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        jax.block_until_ready(compiled(cache, refs))
+        repeats, start = 3, time.perf_counter()
+        for _ in range(repeats):
+            out = compiled(cache, refs)
+        jax.block_until_ready(out)
+        result.update(
+            device=str(jax.devices()[0].platform),
+            device_ms_per_batch=round(1000 * (time.perf_counter() - start) / repeats, 2),
+            device_flops_per_batch=float(cost.get("flops", float("nan"))),
+        )
+    return result
 
 
 def device_cost(views, aug: str, seed: int) -> dict:

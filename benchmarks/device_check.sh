@@ -7,7 +7,11 @@
 # then run it there with  command="bash benchmarks/device_check.sh", carry=[".whl"],
 # timeout_s=540. Each result is one JSON line of bench_train.py, in $OUT/bench.jsonl
 # (images/s, MFU against the chip's dense peak, XLA's peak memory); stderr in $OUT.
-# SIZE and BATCH override 224 and 128 (e.g. SIZE=32 BATCH=2 for a CPU smoke run).
+# SIZE and BATCH override 224 and 128 (e.g. SIZE=32 BATCH=2 IMAGES=64 for a CPU smoke run).
+# After the first step-only line, bench_loop.py runs the whole training loop (input, masks,
+# step) of the same step on IMAGES (default 2048) synthetic 500x375 JPEGs, with
+# config.data.cache 'none' (host decoding) and 'device' (docs/data.md#the-device-cache): its
+# loop_images_per_sec_* compare with that line's images_per_sec.
 set -uo pipefail
 out=${OUT:-/tmp/device_check}
 size=${SIZE:-224}
@@ -28,6 +32,10 @@ bench() {
     2>>"$out/stderr.txt" | tail -1 | tee -a "$out/bench.jsonl"
 }
 bench --variant scott-12/16 --dtype bfloat16 --steps 10 --warmup 3
+echo "== loop, cache none and device"
+timeout 360 python3 benchmarks/bench_loop.py --synthetic "${IMAGES:-2048}" --variant scott-12/16 \
+  --dtype bfloat16 --img-size "$size" --batch "$batch" --steps 10 --warmup 3 --no-step \
+  2>>"$out/stderr.txt" | tail -1 | tee -a "$out/bench.jsonl"
 bench --variant scott-7/16 --dtype bfloat16 --steps 10 --warmup 3
 bench --variant scott-12/16 --dtype float32 --steps 5 --warmup 2
 bench --variant scott-12/16 --dtype bfloat16 --remat --steps 5 --warmup 2
