@@ -363,27 +363,28 @@ def test_configs_select_splitmask_and_bad_flags_fail_early():
 
 @pytest.fixture(scope="module")
 def splitmask_runs(tmp_path_factory):
-    """Digits runs with a k-means vocabulary (kept in the state): one of 4 steps, one
-    stopped after 2 and resumed to 4; then the first continued to step 40."""
+    """Digits runs of 40 steps with a k-means vocabulary (kept in the state): one
+    uninterrupted, one stopped after 2 steps and resumed."""
     root = tmp_path_factory.mktemp("splitmask")
-    config = tiny_splitmask_config(checkpoint_every_steps=4)
+    config = tiny_splitmask_config(checkpoint_every_steps=20)
     config.splitmask.target = "kmeans"
     config.splitmask.kmeans_patches = 4096
     config.splitmask.kmeans_iters = 3
-    full = loop.train_and_evaluate(config, root / "full", stop_at_step=4).state
+    full = loop.train_and_evaluate(config, root / "full", stop_at_step=40).state
     loop.train_and_evaluate(config, root / "resumed", stop_at_step=2)
-    resumed = loop.train_and_evaluate(config, root / "resumed", stop_at_step=4).state
-    loop.train_and_evaluate(config, root / "full", stop_at_step=40)
+    resumed = loop.train_and_evaluate(config, root / "resumed", stop_at_step=40).state
     return root, full, resumed
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_the_uninterrupted_run(splitmask_runs):
     root, full, resumed = splitmask_runs
     losses = {
         name: {r["step"]: r["loss"] for r in read_metrics(root / name) if "loss" in r}
         for name in ("full", "resumed")
     }
-    for step in range(1, 5):
+    assert sorted(losses["resumed"]) == sorted(losses["full"]) == list(range(1, 41))
+    for step in range(1, 41):
         np.testing.assert_allclose(losses["resumed"][step], losses["full"][step], rtol=1e-6)
     chex.assert_trees_all_close(
         jax.device_get(resumed.params), jax.device_get(full.params), atol=1e-6
@@ -393,9 +394,10 @@ def test_resumed_run_matches_the_uninterrupted_run(splitmask_runs):
     chex.assert_trees_all_equal(jax.device_get(resumed.vocab), jax.device_get(full.vocab))
     saved = load_state_tree(root / "resumed" / "checkpoints")
     np.testing.assert_array_equal(saved["vocab"], jax.device_get(full.vocab))
-    assert Checkpointer(root / "resumed" / "checkpoints").all_steps() == [2, 4]
+    assert Checkpointer(root / "resumed" / "checkpoints").all_steps() == [2, 20, 40]
 
 
+@pytest.mark.slow
 def test_the_loss_falls_on_digits(splitmask_runs):
     """40 steps at batch 16: both the word predictions and the matching improve."""
     root, _, _ = splitmask_runs
@@ -408,6 +410,7 @@ def test_the_loss_falls_on_digits(splitmask_runs):
     assert all(r["token_perplexity"] > 20 for r in rows)  # 64 k-means words, well used
 
 
+@pytest.mark.slow
 def test_probe_loads_the_encoder_and_rejects_a_target_encoder(splitmask_runs):
     root, _, resumed = splitmask_runs
     backbone = load_backbone(root / "resumed")
