@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from scott_jax import methods, optim, workdir_lock
 from scott_jax.checkpoint import Checkpointer, preemption_guard
@@ -125,7 +127,12 @@ def initial_state(trainer, checkpointer: Checkpointer, seed: int, fallback: bool
     rng = jax.random.key(seed)
     if checkpointer.latest_step() is None:
         return trainer.init(rng)
-    state = checkpointer.restore(jax.eval_shape(trainer.init, rng), fallback=fallback)
+    replicated = NamedSharding(trainer.data_sharding.mesh, P())  # the state's placement
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(trainer.init, rng),
+    )
+    state = checkpointer.restore(abstract, fallback=fallback)
     log.info("Resumed from step %d.", int(state.step))
     return state
 
@@ -273,10 +280,11 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         with open(path) as f:
             recorded = flat_config(json.load(f))
         now = flat_config(current)
+        # Fields only one side has come from another version of scott_jax: not a change.
         changed = [
-            f"{key}: {recorded.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
-            for key in sorted(recorded.keys() | now.keys())
-            if key not in MAY_CHANGE and recorded.get(key) != now.get(key)
+            f"{key}: {recorded[key]!r} -> {now[key]!r}"
+            for key in sorted(recorded.keys() & now.keys())
+            if key not in MAY_CHANGE and recorded[key] != now[key]
         ]
         if changed and not config.accept_config_changes:
             raise ConfigError(
