@@ -20,13 +20,15 @@ from scott_jax.writers import read_metrics
 
 
 def tiny_moca_config(**overrides):
-    """configs/digits_moca.py shrunk: 96 px (a 6x6 grid, 2x2 interior), width 32, depth 2,
-    decoder 32 / 1 block, 16 words, batch 16."""
+    """configs/digits_moca.py shrunk: 96 px (a 6x6 grid, 2x2 interior), width 32, depth 1
+    (ℓ = 1 = depth: the decoder reads the LN'd last layer, the code's `early_layer=0`; the
+    raw intermediate output is covered by the parity test), decoder 32 / 1 block, 16 words,
+    batch 16."""
     config = load_config("digits_moca")
     config.img_size = 96
     config.model.conv_impl = "xla"
     config.model.embed_dim = 32
-    config.model.depth = 2
+    config.model.depth = 1
     config.model.num_heads = 2
     config.moca.decoder_dim = 32
     config.moca.decoder_heads = 2
