@@ -6,7 +6,8 @@ A ViT at 64 px with 8 px patches (an 8x8 grid, so each 25 % subset holds 16 toke
 width 128, 4 heads, decoder 2 blocks; 512 random-projection words of 4x4x3 half-resolution
 pixels. Digits is a small dataset, so the paper's small-data split: 75 % uniform masking, two
 disjoint 25 % subsets. Batch 64 for 10 epochs (280 steps), LR 5e-4 (the other digits
-configs'), BEiT's schedule with a 1-epoch warmup: under 10 minutes on 2 CPU cores.
+configs'), BEiT's schedule with a 1-epoch warmup: 4.6 minutes of CPU time on a 2-core Intel
+Xeon (13 minutes wall while shared with other jobs). Probe numbers: docs/results.md.
 """
 
 from configs import common, digits, splitmask
