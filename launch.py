@@ -1,8 +1,8 @@
 """Train a run: `python launch.py --config configs/flowers.py --workdir runs/flowers`.
 
 The one loop (`scott_jax.loop.train_and_evaluate`) runs `config.method`: 'mim_jepa'
-(configs/flowers.py, ...), 'ijepa' (configs/*_ijepa.py) or 'supervised' (configs/*_supervised.py,
-the from-scratch baselines).
+(configs/flowers.py, ...), 'ijepa', 'moca', 'splitmask' (configs/*_<method>.py) or
+'supervised' (configs/*_supervised.py, the from-scratch baselines).
 
 Any config field can be overridden with a dotted flag, e.g. `--config.optim.lr_peak=1e-4` or
 `--config.variant=scott-7/16`; a misspelt field is an error. Re-running the same command on
@@ -37,6 +37,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines are noise here
     logging.getLogger("scott_jax").setLevel(logging.INFO)
+    cli.join_job()
     outcome = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     if outcome.interrupted is not None:
         return cli.interrupted_exit_code(outcome.interrupted)

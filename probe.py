@@ -38,6 +38,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines are noise here
     logging.getLogger("scott_jax").setLevel(logging.INFO)
+    cli.join_job()
     print(format_table(run_probes(flags.FLAGS.config, flags.FLAGS.workdir)))
 
 

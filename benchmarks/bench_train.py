@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--conv-impl", default="auto", help="config.model.conv_impl")
     parser.add_argument("--remat", action="store_true", help="config.model.remat")
+    parser.add_argument(
+        "--fast-dropout",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="config.model.fast_dropout (auto: 16-bit bits on CPU only)",
+    )
     parser.add_argument("--compile-only", action="store_true", help="memory, no timing")
     return parser
 
@@ -82,6 +88,8 @@ def setup(args):
     config.model.conv_impl = args.conv_impl
     if args.remat:
         config.model.remat = True
+    if args.fast_dropout != "auto":
+        config.model.fast_dropout = args.fast_dropout == "true"
     lengths = optim.RunLengths(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)
     method = methods.of(config)
     trainer = method.build_trainer(config, lengths, make_mesh(), source=None)

@@ -39,3 +39,6 @@ timeout 360 python3 benchmarks/bench_loop.py --synthetic "${IMAGES:-2048}" --var
 bench --variant scott-7/16 --dtype bfloat16 --steps 10 --warmup 3
 bench --variant scott-12/16 --dtype float32 --steps 5 --warmup 2
 bench --variant scott-12/16 --dtype bfloat16 --remat --steps 5 --warmup 2
+# The CPU-measured tricks, each against the accelerator default (plain XLA paths):
+bench --variant scott-12/16 --dtype bfloat16 --fast-dropout true --steps 5 --warmup 2
+bench --variant scott-12/16 --dtype bfloat16 --conv-impl im2col --steps 5 --warmup 2

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from scott_jax.errors import CheckpointError, MissingCheckpointError
 
@@ -291,9 +292,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Deletes all but the newest `max_to_keep` checkpoints, never one at or above the
-        newest that was read back intact."""
-        if jax.process_index() != 0:
-            return
+        newest that was read back intact (every process calls it: orbax deletes on one)."""
         steps = self.all_steps()
         newest_intact = max(self._verified, default=None)
         if newest_intact is None:
@@ -404,12 +403,14 @@ class Checkpointer:
     def _set_aside(self, steps: list[int]) -> None:
         """Moves damaged steps out of the checkpoint directory (kept for inspection), so the
         resumed run can save its next steps below them."""
-        if jax.process_index() != 0:
-            return
-        target = self.directory.parent / DAMAGED_DIR
-        target.mkdir(exist_ok=True)
-        for step in steps:
-            shutil.move(str(self.directory / str(step)), target / f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            target = self.directory.parent / DAMAGED_DIR
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                moved = target / f"{step}-{int(time.time())}"
+                shutil.move(str(self.directory / str(step)), moved)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("scott_jax: damaged checkpoints set aside")
         self._manager.reload()
 
     def restore_run(self, step: int) -> dict:

@@ -20,6 +20,18 @@ from scott_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 flags.DEFINE_bool("verbose", False, "Show the traceback of configuration and data errors.")
+flags.DEFINE_string("coordinator", None, "Multi-process runs: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+
+
+def join_job() -> None:
+    """`distributed.initialize` from the flags or the cluster's environment (before JAX is
+    used)."""
+    from scott_jax import distributed
+
+    f = flags.FLAGS
+    distributed.initialize(f.coordinator, f.num_processes, f.process_id)
 
 
 def interrupted_exit_code(signum: signal.Signals) -> int:

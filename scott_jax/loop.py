@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -120,6 +121,15 @@ class StepMetrics:
         shown = {k: mean[k] for k in self.keys}
         log_progress(step, self.total_steps, images_per_sec, seconds_left, shown)
         self.pending, self.timer = [], (now, step)
+
+
+def stop_requested(guard) -> bool:
+    """Whether any process got a stop signal: all processes agree after every step, so every
+    host stops, and saves, at the same step."""
+    if jax.process_count() == 1:
+        return guard.requested
+    flags = multihost_utils.process_allgather(np.int32(guard.requested))
+    return bool(np.max(flags))
 
 
 def initial_state(trainer, checkpointer: Checkpointer, seed: int, fallback: bool):
@@ -373,6 +383,7 @@ def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome
         if checkpointer.save(step, state, config.to_dict(), force=force, run=facts):
             last_saved = step
 
+    interrupted = None
     try:
         with preemption_guard() as guard:
             step = start_step
@@ -391,8 +402,9 @@ def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome
                             writer.write(step, row)
                 if checkpointer.should_save(step):
                     save(step, force=False)
-                if guard.requested:
+                if stop_requested(guard):
                     log.warning("Stop requested at step %d: saving a checkpoint.", step)
+                    interrupted = guard.received or signal.SIGTERM  # another host's notice
                     break
             if last_saved != step:
                 save(step, force=True)
@@ -404,4 +416,4 @@ def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome
             writer.close()
     finished = step == total_steps and trainer.finish is not None
     results = trainer.finish(workdir, step) if finished else None
-    return Outcome(state, results, guard.received)
+    return Outcome(state, results, interrupted)

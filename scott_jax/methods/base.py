@@ -77,6 +77,16 @@ def jit_trainer(mesh: jax.sharding.Mesh, init: Callable, step: Callable, **field
     )
 
 
+def host_rows(draw: Callable[[int], Any], local_batch: int) -> Any:
+    """This host's rows of a per-step draw (masks) for the whole global batch: `draw(n)` ->
+    arrays with n rows, drawn for all `local_batch * process_count` rows as one process
+    would, so N hosts train exactly as one (and batch-level choices, such as a common
+    context length, agree across hosts)."""
+    index = jax.process_index()
+    full = draw(local_batch * jax.process_count())
+    return jax.tree.map(lambda x: x[index * local_batch : (index + 1) * local_batch], full)
+
+
 def pick(tree: Any, path: tuple[str, ...]) -> Any:
     """The subtree at `path` (a method's `ENCODERS` entry) of a state dataclass or dict."""
     for key in path:

@@ -22,6 +22,7 @@ from scott_jax.methods.base import (
     Trainer,
     TrainState,
     check_ema_and_monitors,
+    host_rows,
     jit_trainer,
     online_knn,
     online_probe,
@@ -29,7 +30,6 @@ from scott_jax.methods.base import (
 )
 from scott_jax.models import encoder_kwargs, resolve_dtype
 from scott_jax.models.ijepa import Encoder, Predictor
-from scott_jax.models.tokenizers import patch_grid
 from scott_jax.models.transformer import gather_tokens
 
 NAME = "ijepa"
@@ -51,6 +51,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "(the recipe has no colour augmentation): set it to False"
         )
     c.choice("ijepa.loss", objectives.IJEPA_LOSSES)
+    if config.data.aug == "moca":
+        c.fail("config.data.aug='moca' makes MOCA's two unaligned crops; this method needs one")
     c.choice("ijepa.wd_schedule", optim.WD_KINDS)
     c.choice("ijepa.ema_schedule", optim.EMA_KINDS)
     c.number("ijepa.num_targets", low=1, integer=True)
@@ -72,9 +74,11 @@ def build_encoder(config: Mapping, compute_dtype: str | None = None) -> Encoder:
     `ijepa.drop_path_rate` / `ijepa.depth_rescale_init`."""
     dtype = resolve_dtype(compute_dtype or config.get("compute_dtype", "float32"))
     overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
-    kwargs = encoder_kwargs(config["variant"], config["img_size"])
-    kwargs.update({k: v for k, v in overrides.items() if k in MODEL_FIELDS})
-    patch_grid(config["img_size"], kwargs["patch_size"])
+    kwargs = encoder_kwargs(  # checks the grid with the run's patch size
+        config["variant"],
+        config["img_size"],
+        **{k: v for k, v in overrides.items() if k in MODEL_FIELDS},
+    )
     return Encoder(
         **{k: kwargs[k] for k in ("tokenizer", "img_size", *MODEL_FIELDS) if k in kwargs},
         drop_path_rate=config["ijepa"]["drop_path_rate"],
@@ -227,10 +231,10 @@ def masked_batches(
     batches: Iterator[dict], spec: MultiBlockSpec, seed: int, start_step: int
 ) -> Iterator[dict]:
     """Data batches -> step batches: 'image' (the 'context' view), 'label', and the step's
-    multi-block masks, a pure function of (seed, step, process index)."""
+    multi-block masks, a pure function of (seed, step): this host's rows of the global batch's."""
     for step, batch in enumerate(batches, start=start_step):
-        masks = multiblock_masks(
-            spec, seed, step, batch["context"].shape[0], process_index=jax.process_index()
+        masks = host_rows(
+            lambda n, step=step: multiblock_masks(spec, seed, step, n), batch["context"].shape[0]
         )
         yield {"image": batch["context"], "label": batch["label"], **masks}
 

@@ -21,6 +21,7 @@ from scott_jax.methods.base import (
     Trainer,
     TrainState,
     check_ema_and_monitors,
+    host_rows,
     jit_trainer,
     online_knn,
     online_probe,
@@ -42,6 +43,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     c.choice("mask.blocks_are", masking.BLOCKS_ARE)
     c.number("mask.ratio", low=0, high=1, low_open=True, high_open=True)
     c.number("predictor.depth", low=1, integer=True)
+    if config.data.aug == "moca":
+        c.fail("config.data.aug='moca' makes MOCA's two unaligned crops; this method needs one")
     check_ema_and_monitors(c)
     c.done()
 
@@ -188,17 +191,20 @@ def train_step(
 
 
 def masked_batches(batches: Iterator[dict], config, grid: int, start_step: int) -> Iterator[dict]:
-    """Adds the step's keep-masks [b, N] to each host-local batch (a pure function of the step)."""
+    """Adds the step's keep-masks [b, N] to each host-local batch (a pure function of the step;
+    this host's rows of the global batch's masks)."""
     for step, batch in enumerate(batches, start=start_step):
-        mask = masking.keep_masks(
-            config.seed,
-            step,
+        mask = host_rows(
+            lambda n, step=step: masking.keep_masks(
+                config.seed,
+                step,
+                n,
+                grid,
+                config.mask.ratio,
+                mask_type=config.mask.type,
+                blocks_are=config.mask.blocks_are,
+            ),
             batch["label"].shape[0],
-            grid,
-            config.mask.ratio,
-            mask_type=config.mask.type,
-            blocks_are=config.mask.blocks_are,
-            process_index=jax.process_index(),
         )
         yield {**batch, "keep_mask": mask.astype(np.int32)}
 

@@ -25,6 +25,7 @@ from scott_jax.evaluators.metrics import pooled_std
 from scott_jax.methods.base import (
     OnlineProbe,
     Trainer,
+    host_rows,
     jit_trainer,
     online_knn,
     online_probe,
@@ -382,14 +383,11 @@ def masked_batches(batches: Iterator[dict], config, sizes, num_patches, start_st
     """Data batches -> step batches: 'view1' / 'view2' (the stream's two views), 'label' and
     'ids', the step's masks (`masking_moca.moca_masks`, pure in (seed, step, process))."""
     for step, batch in enumerate(batches, start=start_step):
-        ids = masking_moca.moca_masks(
-            config.seed,
-            step,
+        ids = host_rows(
+            lambda n, step=step: masking_moca.moca_masks(
+                config.seed, step, n, num_patches, sizes, config.moca.complementary
+            ),
             batch["label"].shape[0],
-            num_patches,
-            sizes,
-            config.moca.complementary,
-            process_index=jax.process_index(),
         )
         yield {
             "view1": batch["context"],

@@ -23,7 +23,7 @@ import optax
 
 from scott_jax import masking_split, objectives, optim, visual_words
 from scott_jax.config_checks import Checks
-from scott_jax.methods.base import Trainer, jit_trainer, online_knn, pretrain_source
+from scott_jax.methods.base import Trainer, host_rows, jit_trainer, online_knn, pretrain_source
 from scott_jax.models import encoder_kwargs, resolve_dtype
 from scott_jax.models.splitmask import (
     DECODER_POS,
@@ -313,8 +313,9 @@ def masked_batches(
     """Data batches -> step batches: 'image' (the 'context' view) and the step's split, a
     pure function of (seed, step, process index)."""
     for step, batch in enumerate(batches, start=start_step):
-        masks = masking_split.split_masks(
-            seed, step, batch["context"].shape[0], grid, split, jax.process_index()
+        masks = host_rows(
+            lambda n, step=step: masking_split.split_masks(seed, step, n, grid, split),
+            batch["context"].shape[0],
         )
         yield {"image": batch["context"], **masks}
 

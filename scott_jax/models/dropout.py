@@ -79,16 +79,19 @@ class Dropout(nn.Module):
     """`nn.Dropout`'s interface (rate, `deterministic`, the 'dropout' RNG stream).
 
     `fast=False` (`config.model.fast_dropout=False`) is `nn.Dropout` itself: the exact
-    rate, for about twice the cost of the random bits.
+    rate, for about twice the cost of the random bits. `fast=None` (the default) is True on
+    CPU, where the 16-bit bits were measured faster, and False on accelerators, where they
+    were not measured yet (benchmarks/device_check.sh times both).
     """
 
     rate: float
-    fast: bool = True
+    fast: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        if not self.fast:
+        fast = jax.default_backend() == "cpu" if self.fast is None else self.fast
+        if not fast:
             return nn.Dropout(self.rate)(x, deterministic=False, rng=self.make_rng("dropout"))
         return dropout(x, self.rate, self.make_rng("dropout"))

@@ -37,7 +37,7 @@ class Encoder(nn.Module):
     num_register_tokens: int = 0
     conv_impl: str = "auto"
     remat: bool = False
-    fast_dropout: bool = True
+    fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
     dtype: jnp.dtype = jnp.float32
 
     @property

@@ -36,7 +36,7 @@ class Predictor(nn.Module):
     stochastic_depth_rate: float = 0.0
     num_register_tokens: int = 0
     double_rescale: bool = True
-    fast_dropout: bool = True
+    fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -112,7 +112,7 @@ class Attention(nn.Module):
     attention_dropout: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
-    fast_dropout: bool = True
+    fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, queries: jax.Array | None = None) -> jax.Array:
@@ -167,7 +167,7 @@ class Mlp(nn.Module):
     dropout_rate: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
-    fast_dropout: bool = True
+    fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -190,7 +190,7 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
-    fast_dropout: bool = True
+    fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
 
     def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
         if not train or self.drop_path_rate == 0.0:
@@ -257,7 +257,7 @@ class Transformer(nn.Module):
     use_mask_token: bool = True
     rescale_offsets: Sequence[int] = (0,)
     remat: bool = False
-    fast_dropout: bool = True
+    fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
