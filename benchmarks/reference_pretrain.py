@@ -10,9 +10,10 @@ run time (`bench_reference.py` builds them), on the same two-view batches and ke
 the collapse on digits) belongs to the method on this data, not to the reimplementation.
 
 Writes one JSON line per `config.log_every_steps` to --out (and stdout) with `launch.py`'s
-keys: step, loss, lr, wd, ema, target_std, context_std, and, every `config.knn_every_epochs`
-and at the end, knn/target_top1 and knn/context_top1 (cosine k-NN, k=20, on the pooled, LN'd
-eval-transform features of probe_train and test).
+keys and, like it, their means over the steps since the last line: step, loss, lr, wd, ema,
+target_std, context_std, and, every `config.knn_every_epochs` and at the end,
+knn/target_top1 and knn/context_top1 (cosine k-NN, k=20, on the pooled, LN'd eval-transform
+features of probe_train and test).
 """
 
 import json
@@ -154,6 +155,7 @@ def main(argv) -> None:
             out.flush()
 
         start = time.perf_counter()
+        window = []  # this log interval's per-step values
         for step, batch in zip(range(steps), batches, strict=False):
             context_encoder.train()
             predictor.train()
@@ -165,10 +167,14 @@ def main(argv) -> None:
             }
             lr, wd = (optimizer.info()[k] for k in ("lr", "wd"))
             loss, stats = step_fn(inputs, with_stats=True)
+            window.append(dict(loss=loss, lr=lr, wd=wd, **stats))
             done = step + 1
             row = {"step": done}
             if done % config.log_every_steps == 0 or done == steps:
-                row.update(loss=loss, lr=lr, wd=wd, **stats)
+                # The mean over the interval, as launch.py logs it (loop.py): a logged step's
+                # own loss would sit 10-20 % below launch.py's on a falling curve.
+                row.update({k: float(np.mean([w[k] for w in window])) for k in window[-1]})
+                window = []
                 row["images_per_sec"] = done * config.batch_size / (time.perf_counter() - start)
             if (knn_every and done % knn_every == 0) or done == steps:
                 row.update(knn_row(torch, config, encoders, knn_data))
