@@ -66,12 +66,13 @@ def attention_readout(apply, batch: int, heads: int, tokens: int) -> np.ndarray:
     return out.reshape(batch, tokens, heads, tokens).transpose(0, 2, 1, 3)
 
 
-def ours_attention(attention_dropout: float, dropout_rate: float, seed: int):
+def ours_attention(attention_dropout: float, dropout_rate: float, seed: int, fast=None):
     def apply(x, qkv, proj):
         module = Attention(
             num_heads=x.shape[-1] // x.shape[1],
             dropout_rate=dropout_rate,
             attention_dropout=attention_dropout,
+            fast_dropout=fast,
         )
         params = {"qkv": {"kernel": qkv}, "proj": {"kernel": proj}}
         return np.asarray(
@@ -103,10 +104,11 @@ def drop_path_candidates(block_apply_eval, x, rate=RATE):
 # --------------------------------------------------------------------------- ours
 
 
-def test_attention_dropout_drops_probabilities_elementwise_and_rescales():
+@pytest.mark.parametrize("fast", [True, False])  # 16-bit bits (CPU default), nn.Dropout
+def test_attention_dropout_drops_probabilities_elementwise_and_rescales(fast):
     batch, heads, tokens = 8, 4, 16
     draws = [
-        attention_readout(ours_attention(RATE, 0.0, seed), batch, heads, tokens)
+        attention_readout(ours_attention(RATE, 0.0, seed, fast), batch, heads, tokens)
         for seed in range(4)
     ]
     probs = np.stack(draws)
