@@ -82,8 +82,8 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     probes = build_probes(num_classes, tuple(config.probes))
     data = _train_data(config, settings, backbone.encoder, train_source, train_cache)
     log.info(
-        "Probing the %s encoder of step %d: %s; %d epochs x %d steps, %s features.",
-        backbone.which,
+        "Probing the %s of step %d: %s; %d epochs x %d steps, %s features.",
+        encoder_words(backbone.which),
         backbone.step,
         ", ".join(probes),
         config.num_epochs,
@@ -399,11 +399,17 @@ def _progress(row: Mapping, probes) -> str:
     return ", ".join(f"{name} {split} top-1 {row[f'{name}/{split}/top1']:.1f}" for name in probes)
 
 
+def encoder_words(which: str) -> str:
+    """'target encoder', 'random encoder'; a method's only encoder, named 'encoder', as is."""
+    return which if which == "encoder" else f"{which} encoder"
+
+
 def format_table(results: Mapping) -> str:
     """The results as a plain-text table (one row per probe, then k-NN and the best probe)."""
     selection = results["selection"]
     lines = [
-        f"{results['dataset']}: {results['encoder']} encoder of step {results['checkpoint_step']}"
+        f"{results['dataset']}: {encoder_words(results['encoder'])} of step "
+        f"{results['checkpoint_step']}"
         f", selection {selection['rule']}"
         + (f" on {selection['split']}" if selection["split"] else ""),
         f"{'probe':<8}{'epoch':>7}{'top-1':>9}{'top-5':>9}{'mpc':>9}",
