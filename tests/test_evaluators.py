@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_loop import override
 
 from scott_jax import optim
 from scott_jax.checkpoint import Checkpointer
@@ -35,13 +36,7 @@ def probe_config(**overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def optimizer(total_steps, lr_peak=5e-4):

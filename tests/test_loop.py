@@ -53,6 +53,17 @@ def config_module(name):
         sys.path.remove(str(ROOT))
 
 
+def override(config, overrides):
+    """`config` with dotted-key overrides ('optim.lr_peak': 1e-3) set in place."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
 def tiny_config(base=None, **overrides):
     """A config (default: configs/digits.py) shrunk to compile in seconds: 64 px, width 32,
     1 block each.
@@ -74,13 +85,7 @@ def tiny_config(base=None, **overrides):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.knn_every_epochs = 0.0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 @pytest.mark.parametrize("name", ["digits", "flowers", "pets", "imagenet100"])

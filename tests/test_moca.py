@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_loop import LENGTHS, build_trainer, load_config
+from test_loop import LENGTHS, build_trainer, load_config, override
 
 from scott_jax import loop, optim
 from scott_jax import masking_moca as mm
@@ -39,13 +39,7 @@ def tiny_moca_config(**overrides):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.knn_every_epochs = 0.0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 # --------------------------------------------------------------------------- masks

@@ -8,6 +8,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
+from test_loop import override
 
 from scott_jax import loop
 from scott_jax.checkpoint import Checkpointer, load_state_tree
@@ -35,13 +36,7 @@ def supervised_config(name="digits_supervised", **overrides):
     finally:
         sys.path.remove(str(ROOT))
     config = module.get_config()
-    for key, value in {**TINY, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(config, {**TINY, **overrides})
 
 
 @pytest.mark.parametrize("name", ["digits", "flowers", "pets", "imagenet100"])
