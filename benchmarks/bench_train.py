@@ -12,8 +12,10 @@ outputs - aliased + temporaries), peak_rss_gb (the process), and on a GPU/TPU wi
 peak the MFU.
 
 `--method moca` times MOCA's step instead (`scott_jax.methods.moca`, configs/moca.py), with
-its two views and masking rounds; `--method splitmask` SplitMask's (configs/flowers_splitmask.py:
-the 75 % uniform split, 8192 random-projection words), e.g. `--variant vit-12/16`.
+its two views and masking rounds (`--grad-chunks k`: `moca.grad_chunks`; XLA's cost analysis
+counts the loop over the k parts once, so flops_per_step then undercounts the student);
+`--method splitmask` SplitMask's (configs/flowers_splitmask.py: the 75 % uniform split, 8192
+random-projection words), e.g. `--variant vit-12/16`.
 
 `--compile-only` lowers and compiles without running (no step_times, no timings): the way
 to read the compiled memory of a configuration too large for this machine, e.g.
@@ -66,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="config.model.fast_dropout (auto: 16-bit bits on CPU only)",
     )
+    parser.add_argument(
+        "--grad-chunks", type=int, default=None, help="config.moca.grad_chunks (MOCA only)"
+    )
     parser.add_argument("--compile-only", action="store_true", help="memory, no timing")
     return parser
 
@@ -90,6 +95,8 @@ def setup(args):
         config.model.remat = True
     if args.fast_dropout != "auto":
         config.model.fast_dropout = args.fast_dropout == "true"
+    if args.grad_chunks is not None:
+        config.moca.grad_chunks = args.grad_chunks
     lengths = optim.RunLengths(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)
     method = methods.of(config)
     trainer = method.build_trainer(config, lengths, make_mesh(), source=None)

@@ -37,6 +37,9 @@ def apply(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.lr_wgen = 1e-4  # the generators' constant LR (absolute) ...
     m.wd_wgen = 0.05  # ... and WD
     m.clip_grad = 0.1  # global gradient norm
+    # The student's forward and backward pass in this many equal parts of the batch, one at a
+    # time, gradients summed: same numbers, 1/k of its activation memory (docs/performance.md).
+    m.grad_chunks = 1
 
     # Released v1.0 command; the paper (v0.9): wd_final 0.05, ema_start 0.99.
     o = config.optim

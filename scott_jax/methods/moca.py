@@ -62,6 +62,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("kappa", "inv_delta", "lr_epochs_mul", "clip_grad", "pred_mlp_ratio"):
         if not c[name] > 0:
             raise ValueError(f"config.moca.{name} must be > 0, got {c[name]}")
+    if c.grad_chunks < 1 or config.batch_size % c.grad_chunks:
+        raise ValueError(
+            f"config.moca.grad_chunks={c.grad_chunks} must divide batch_size={config.batch_size}"
+        )
     if c.lr_epochs_mul < 1:
         raise ValueError(f"config.moca.lr_epochs_mul must be >= 1, got {c.lr_epochs_mul}")
     encoder = build_encoder(config)
@@ -146,6 +150,7 @@ class Settings(NamedTuple):
     loc_loss_on: str
     img_weight: float
     loc_weight: float
+    grad_chunks: int
 
     @classmethod
     def from_config(cls, config, encoder: models.Encoder) -> "Settings":
@@ -160,6 +165,7 @@ class Settings(NamedTuple):
             c.loc_loss_on,
             c.img_weight,
             c.loc_weight,
+            c.grad_chunks,
         )
 
 
@@ -259,23 +265,33 @@ def teacher_targets(target_params, codebook: dict, views, *, encoder, settings: 
     return features, q, models.bag_of_words(q, encoder.grid_size, settings.border), mu
 
 
-def student_losses(params, views, ids, q, bow, codebook_words, *, nets: Models, settings):
-    """L_img and L_loc (paper Eq. 3 and 6 as KL; `MOCA.forward`): views [B, 2, S, S, 3], ids
-    [B, 2, R, N] (`masking_moca`), q [B, 2, N, K] and bow [B, 2, K] the teacher's targets.
+def prototypes(params, codebook_words, *, nets: Models):
+    """The dynamic heads' prototypes from the step's codebook [K, D]: (W^b = G^b(C) [K, D],
+    W^d = G^d(C) [K, d]), paper §3.2.1."""
+    w_img = nets.wgen_img.apply({"params": params["wgen_img"]}, codebook_words)
+    w_loc = nets.wgen_loc.apply({"params": params["wgen_loc"]}, codebook_words)
+    return w_img, w_loc
+
+
+def student_losses(params, protos, views, ids, q, bow, *, nets: Models, settings):
+    """L_img and L_loc (paper Eq. 3 and 6 as KL; `MOCA.forward`): params holds the student's
+    'context_encoder' and 'decoder', protos = (W^b, W^d) (`prototypes`), views [B, 2, S, S, 3],
+    ids [B, 2, R, N] (`masking_moca`), q [B, 2, N, K] and bow [B, 2, K] the teacher's targets.
 
     Per round r, for the 2B student rows (row 2b + v is view v of image b): L_img^r = KL of
-    the *other* view's bag of words to softmax(κ·⟨ā, G^b(C)⟩); L_loc^r = KL of the same view's
-    assignments to softmax(κ·⟨o_i, G^d(C)⟩) over the decoded tokens (all of them, or only M'
+    the *other* view's bag of words to softmax(κ·⟨ā, W^b⟩); L_loc^r = KL of the same view's
+    assignments to softmax(κ·⟨o_i, W^d⟩) over the decoded tokens (all of them, or only M'
     with `loc_loss_on='masked'`), a mean over rows and tokens. L_img and L_loc are 2 × the
-    mean over rounds (the sum over the two views of the paper's per-image loss).
+    mean over rounds (the sum over the two views of the paper's per-image loss). Every row
+    is computed on its own (no dropout or drop-path, LayerNorm only), so the losses of a
+    batch are the mean of those of equal parts of it (`loss_and_grads`).
     """
     rows = views.shape[0] * 2
     x = views.reshape(rows, *views.shape[2:])
     num_words = q.shape[-1]
     q = q.reshape(rows, -1, num_words)
     other_bow = bow[:, ::-1].reshape(rows, num_words)
-    w_img = nets.wgen_img.apply({"params": params["wgen_img"]}, codebook_words)
-    w_loc = nets.wgen_loc.apply({"params": params["wgen_loc"]}, codebook_words)
+    w_img, w_loc = protos
     ids = ids.reshape(rows, *ids.shape[2:])
     img, loc = [], []
     for r, (keep, dec) in enumerate(settings.sizes):
@@ -291,6 +307,46 @@ def student_losses(params, views, ids, q, bow, codebook_words, *, nets: Models, 
         logits = models.prototype_logits(out[:, first:], w_loc, settings.kappa)
         loc.append(models.kl_div(targets, logits))
     return 2.0 * jnp.mean(jnp.stack(img)), 2.0 * jnp.mean(jnp.stack(loc))
+
+
+def split_images(x: jax.Array, chunks: int) -> jax.Array:
+    """[B, ...] -> [chunks, B / chunks, ...], chunk j = images j, j + chunks, ...: strided, so
+    that a batch sharded over 'data' gives every device a share of every chunk."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 0, 1)
+
+
+def loss_and_grads(params, views, ids, q, bow, codebook_words, *, nets, settings, chunks=1):
+    """((L, (L_img, L_loc)), ∂L/∂params) with L = img_weight·L_img + loc_weight·L_loc, for
+    `student_losses`' inputs and the step's codebook; params: the whole student.
+
+    With `chunks` = k > 1 the images are split into k equal parts (`split_images`) and a
+    `lax.scan` runs the forward and backward pass of one part at a time, summing the
+    gradients: the losses are means over rows, so L and its gradient are the mean over the
+    parts, the same numbers up to float round-off, while only one part's activations are alive
+    at a time. The prototypes depend on the whole codebook, not on the images: they are made
+    once, and their summed gradient is pulled back through the generators once.
+    """
+    student = {k: v for k, v in params.items() if k not in GENERATORS}
+    protos, pull_back = jax.vjp(
+        lambda p: prototypes(p, codebook_words, nets=nets), {k: params[k] for k in GENERATORS}
+    )
+
+    def loss_fn(student, protos, part):
+        img, loc = student_losses(student, protos, *part, nets=nets, settings=settings)
+        return settings.img_weight * img + settings.loc_weight * loc, (img, loc)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def accumulate(total, part):
+        value, grads = grad_fn(student, protos, part)
+        return jax.tree.map(jnp.add, total, (value, grads)), None
+
+    parts = jax.tree.map(lambda x: split_images(x, chunks), (views, ids, q, bow))
+    zero = jnp.zeros((), jnp.float32)
+    zeros = ((zero, (zero, zero)), jax.tree.map(jnp.zeros_like, (student, protos)))
+    total, _ = jax.lax.scan(accumulate, zeros, parts)
+    (loss, aux), (student_grads, proto_grads) = jax.tree.map(lambda t: t / chunks, total)
+    return (loss, aux), {**student_grads, **pull_back(proto_grads)[0]}
 
 
 def train_step(
@@ -328,20 +384,17 @@ def train_step(
         state.codebook["words"], state.codebook["ptr"], models.l2_normalize(picked)
     )
 
-    def loss_fn(params):
-        img, loc = student_losses(
-            params,
-            views,
-            batch["ids"],
-            q,
-            bow,
-            state.codebook["words"],
-            nets=nets,
-            settings=settings,
-        )
-        return settings.img_weight * img + settings.loc_weight * loc, (img, loc)
-
-    (loss, (img, loc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (img, loc)), grads = loss_and_grads(
+        state.params,
+        views,
+        batch["ids"],
+        q,
+        bow,
+        state.codebook["words"],
+        nets=nets,
+        settings=settings,
+        chunks=settings.grad_chunks,
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     values = schedules(state.step)
