@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
-import shutil
 import signal
 import time
 import zlib
@@ -31,8 +29,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
+from scott_jax import storage
 from scott_jax.errors import CheckpointError, MissingCheckpointError
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,12 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     }
 
 
-def _describe_steps(directory: pathlib.Path, steps: list[int]) -> str:
+def _describe_steps(directory: epath.Path, steps: list[int]) -> str:
     listed = ", ".join(map(str, steps)) if steps else "none"
     return f"{directory} (finished checkpoints: {listed})"
 
 
-def _resolve_step(manager: ocp.CheckpointManager, directory: pathlib.Path, step: int | None):
+def _resolve_step(manager: ocp.CheckpointManager, directory: epath.Path, step: int | None):
     """`step`, or the latest step when None; MissingCheckpointError (a FileNotFoundError)
     when it is not on disk."""
     steps = sorted(manager.all_steps())
@@ -160,7 +160,7 @@ def _compare_checksums(saved: dict | None, restored: Any) -> list[str]:
     return problems
 
 
-def _damage_report(step: int, directory: pathlib.Path, problem: str) -> str:
+def _damage_report(step: int, directory: epath.Path, problem: str) -> str:
     return f"checkpoint step {step} in {directory} is damaged: {problem}"
 
 
@@ -170,7 +170,7 @@ def _describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
-def _remove_interrupted_saves(directory: pathlib.Path) -> None:
+def _remove_interrupted_saves(directory: epath.Path) -> None:
     """Delete what saves cut short left behind (`<step>.orbax-checkpoint-tmp*`).
 
     Done here, synchronously, rather than with orbax's `cleanup_tmp_directories`: that runs
@@ -201,7 +201,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.path(directory)
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
         self._verified: set[int] = set()  # steps read back (or restored) intact
@@ -405,10 +405,10 @@ class Checkpointer:
         resumed run can save its next steps below them."""
         if jax.process_index() == 0:
             target = self.directory.parent / DAMAGED_DIR
-            target.mkdir(exist_ok=True)
+            target.mkdir(parents=True, exist_ok=True)
             for step in steps:
                 moved = target / f"{step}-{int(time.time())}"
-                shutil.move(str(self.directory / str(step)), moved)
+                (self.directory / str(step)).rename(moved)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("scott_jax: damaged checkpoints set aside")
         self._manager.reload()
@@ -445,7 +445,7 @@ class Checkpointer:
         self.close()
 
 
-def _legacy(directory: pathlib.Path, step: int) -> bool:
+def _legacy(directory: epath.Path, step: int) -> bool:
     """True for a checkpoint written before checksums existed (it has no checksums item)."""
     return not (directory / str(step) / _CHECKSUMS).exists()
 
@@ -453,7 +453,7 @@ def _legacy(directory: pathlib.Path, step: int) -> bool:
 @contextmanager
 def _read_only_manager(directory: str | os.PathLike) -> Iterator[ocp.CheckpointManager]:
     """A manager that neither creates `directory` nor deletes anything in it."""
-    path = pathlib.Path(directory).absolute()
+    path = storage.path(directory)
     if not path.is_dir():
         raise MissingCheckpointError(f"checkpoint directory {path} does not exist")
     # Not orbax's `read_only=True`: that logs a warning on every open. These options never
@@ -466,7 +466,7 @@ def _read_only_manager(directory: str | os.PathLike) -> Iterator[ocp.CheckpointM
         manager.close()
 
 
-def _read_tree(manager: ocp.CheckpointManager, path: pathlib.Path, step: int) -> dict:
+def _read_tree(manager: ocp.CheckpointManager, path: epath.Path, step: int) -> dict:
     """The state of `step` as numpy dicts, verified; CheckpointError if it is damaged."""
     try:
         tree = manager.item_metadata(step)[_STATE].tree
@@ -492,7 +492,7 @@ def _read_tree(manager: ocp.CheckpointManager, path: pathlib.Path, step: int) ->
 def verify(directory: str | os.PathLike, step: int) -> list[str]:
     """Problems of checkpoint `step` (unreadable, or arrays that differ from their checksums);
     empty when it is intact."""
-    path = pathlib.Path(directory).absolute()
+    path = storage.path(directory)
     with _read_only_manager(path) as manager:
         try:
             _read_tree(manager, path, step)
@@ -508,7 +508,7 @@ def load_state_tree(directory: str | os.PathLike, step: int | None = None) -> di
     `["target_params"]` for the probe) on any number of devices. A damaged checkpoint is a
     CheckpointError in one paragraph that names the intact steps.
     """
-    path = pathlib.Path(directory).absolute()
+    path = storage.path(directory)
     with _read_only_manager(path) as manager:
         step = _resolve_step(manager, path, step)
         try:
@@ -526,7 +526,7 @@ def load_state_tree(directory: str | os.PathLike, step: int | None = None) -> di
 
 def load_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The config saved at `step` (default: latest), without creating anything."""
-    path = pathlib.Path(directory).absolute()
+    path = storage.path(directory)
     with _read_only_manager(path) as manager:
         step = _resolve_step(manager, path, step)
         try:

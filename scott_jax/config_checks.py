@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from scott_jax import storage
 from scott_jax.errors import ConfigError
 
 
@@ -100,6 +101,12 @@ def check_common(config: Mapping, device_count: int) -> None:
     c.choice("model.ffn_layer", ("swiglu", "mlp"))
     c.choice("data.aug", AUGMENTATIONS)
     c.fraction_range("data.crop_scale")
+    if isinstance(name := c.value("data.name"), str) and name.startswith("folder:"):
+        if message := storage.problem(name[len("folder:") :], "config.data.name folder"):
+            c.fail(message)
+    if isinstance(data_dir := c.value("data.data_dir"), str):
+        if message := storage.problem(data_dir, "config.data.data_dir"):
+            c.fail(message)
     c.choice("data.cache", ("none", "device", "auto"))
     c.number("data.cache_size", low=1, integer=True, optional=True)
     c.number("data.cache_max_gb", low=0, low_open=True)

@@ -11,6 +11,7 @@ key layout is listed in docs/design.md#weight-conversion-and-parity: torch Linea
 (kh, kw, I, O).
 """
 
+import io
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from scott_jax import storage
 from scott_jax.models import Encoder, Predictor
 from scott_jax.models.transformer import sincos_pos_embed
 
@@ -90,7 +92,7 @@ def _to_numpy(value) -> np.ndarray:
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads an official `.pth` state_dict (needs the `torch` extra) as numpy arrays."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         import torch
@@ -99,7 +101,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "reading .pth checkpoints needs PyTorch: pip install 'scott_jax[torch]' "
             "(or pass a mapping of names to numpy arrays)"
         ) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    data = io.BytesIO(storage.read_bytes(path))  # a local file or a cloud URI
+    state = torch.load(data, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     return {k: _to_numpy(v) for k, v in state.items()}

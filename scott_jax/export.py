@@ -13,6 +13,7 @@ an official PyTorch state_dict.
 
 import argparse
 import functools
+import io
 import os
 import sys
 
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from scott_jax import convert
+from scott_jax import convert, storage
 from scott_jax.checkpoint import load_state_tree
 from scott_jax.errors import ConfigError, UserError
 from scott_jax.evaluators.backbone import Backbone, load_backbone
@@ -94,7 +95,7 @@ def _predictor(backbone: Backbone, workdir: str | os.PathLike):
     config = backbone.train_config
     if backbone.which == "random" or "predictor" not in config:
         raise ConfigError("only a trained MIM-JEPA run has a predictor to export")
-    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    directory = storage.join(workdir, "checkpoints")
     params = load_state_tree(directory, backbone.step)["params"]["predictor"]
     module = build_predictor(
         backbone.encoder,
@@ -105,20 +106,20 @@ def _predictor(backbone: Backbone, workdir: str | os.PathLike):
 
 
 def write(arrays: dict[str, np.ndarray], path: str, fmt: str) -> None:
-    """One state_dict to `path` (atomically: a temp file, then a rename)."""
-    tmp = f"{path}.tmp"
+    """One state_dict to `path` (a local path or a cloud URI), written whole: a reader never
+    sees part of it."""
+    buffer = io.BytesIO()
     if fmt == "npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        np.savez(buffer, **arrays)
     elif fmt == "safetensors":
-        from safetensors.numpy import save_file  # the `export` extra
+        from safetensors.numpy import save  # the `export` extra
 
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+        buffer.write(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
     else:
         import torch  # the `torch` extra
 
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, tmp)
-    os.replace(tmp, path)
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, buffer)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -141,7 +142,7 @@ def run(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     backbone = load_encoder(args.workdir, args.encoder, args.step)
     suffix = {"npz": "npz", "safetensors": "safetensors", "torch": "pth"}[args.format]
-    out = args.out or os.path.join(
+    out = args.out or storage.join(
         args.workdir, f"{backbone.which}-encoder_step{backbone.step}.{suffix}"
     )
     predictor_of = args.workdir if args.predictor else None

@@ -64,6 +64,7 @@ def feature_stats(
     from scott_jax.evaluators.backbone import load_backbone
     from scott_jax.evaluators.features import extract_features
     from scott_jax.evaluators.metrics import pooled_std
+    from scott_jax.storage import resolve
 
     backbone = load_backbone(workdir, encoder=encoder, step=step)
     name = backbone.train_config["data"]["name"]
@@ -82,7 +83,7 @@ def feature_stats(
         features(load_source(name, "test", data_dir=data_dir)),
     )
     return {
-        "workdir": os.path.abspath(workdir),
+        "workdir": resolve(workdir),
         "encoder": backbone.which,
         "step": backbone.step,
         "effective_rank": effective_rank(pooled),

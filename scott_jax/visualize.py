@@ -19,12 +19,15 @@ The first component's sign is arbitrary: it is oriented so that the grid's borde
 
 import argparse
 import functools
+import io
 import math
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from scott_jax import storage
 
 #: Number of principal components shown as RGB.
 NUM_COMPONENTS = 3
@@ -120,7 +123,7 @@ def load_images(images: Sequence[str], img_size: int, num_images: int):
     """
     from scott_jax.data import IMAGENET_MEAN, IMAGENET_STD, Source, eval_batches, load_source
 
-    if len(images) == 1 and not os.path.isfile(images[0]):
+    if len(images) == 1 and storage.is_local(images[0]) and not os.path.isfile(images[0]):
         source = load_source(images[0], "test")
         source = Source(
             source.name,
@@ -130,10 +133,10 @@ def load_images(images: Sequence[str], img_size: int, num_images: int):
             source.num_classes,
         )
     else:
-        missing = [path for path in images if not os.path.isfile(path)]
+        missing = [path for path in images if not storage.exists(path)]
         if missing:
             raise FileNotFoundError(f"no such image files: {missing}")
-        paths = np.asarray([os.path.abspath(path) for path in images])
+        paths = np.asarray([storage.resolve(path) for path in images])
         source = Source("files", "test", paths, np.full(len(paths), -1, np.int32), 0)
     batch = next(eval_batches(source, batch_size=source.num_examples, img_size=img_size))
     normalised = batch["image"]
@@ -168,8 +171,10 @@ def write_figure(
     rgb, mask = pca_panels(np.asarray(features, np.float32), threshold)
     figure = grid_image(pixels, rgb, mask)
     figure = np.repeat(np.repeat(figure, zoom, axis=0), zoom, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    Image.fromarray(figure).save(out, format="PNG")
+    png = io.BytesIO()
+    Image.fromarray(figure).save(png, format="PNG")
+    storage.makedirs(os.path.dirname(storage.resolve(out)))
+    storage.write_bytes(out, png.getvalue())  # a local path or a gs:// URI
     return figure
 
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from scott_jax import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -16,26 +18,35 @@ class MetricWriter:
 
     Appending (not truncating) keeps the history of a run that was resumed; rows after the
     resume step are what the resumed run wrote. A torn last line (a run killed mid-write) is
-    cut off first, so it never ends up inside the file. Only process 0 should write.
+    cut off first, so it never ends up inside the file. On cloud storage, where objects cannot
+    be appended to, the file is rewritten whole at every write (a few thousand short lines
+    over a run). Only process 0 should write.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        storage.makedirs(workdir)
+        self.path = storage.join(workdir, "metrics.jsonl")
         _cut_torn_line(self.path)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a") if storage.is_local(self.path) else None
+        cloud_text = self._file is None and storage.exists(self.path)
+        self._text = storage.read_text(self.path) if cloud_text else ""
         self._tb = None
         if tensorboard:
             import tensorflow as tf  # already imported by the data pipeline
 
             self._tf = tf
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            self._tb = tf.summary.create_file_writer(storage.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         row = {"step": int(step), "time": time.time()}
         row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        line = json.dumps(row) + "\n"
+        if self._file is None:
+            self._text += line
+            storage.write_text(self.path, self._text)
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             with self._tb.as_default(step=int(step)):
                 for key, value in row.items():
@@ -44,15 +55,16 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
 
 def _cut_torn_line(path: str) -> None:
     """Truncates `path` after its last newline, if anything follows it."""
-    if not os.path.exists(path):
-        return
+    if not storage.is_local(path) or not os.path.exists(path):
+        return  # a cloud object is written whole, never torn
     with open(path, "rb+") as f:
         data = f.read()
         end = data.rfind(b"\n") + 1
@@ -64,9 +76,8 @@ def _cut_torn_line(path: str) -> None:
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The rows of `workdir/metrics.jsonl`, in file order. A torn last line (a run killed
     mid-write) is skipped with a warning; a bad line elsewhere is an error naming the file."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path) as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
+    path = storage.join(workdir, "metrics.jsonl")
+    lines = [line for line in storage.read_text(path).split("\n") if line.strip()]
     rows = []
     for number, line in enumerate(lines, start=1):
         try:

@@ -13,12 +13,12 @@ docs/design.md#input-pipeline.
 """
 
 import logging
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
+from scott_jax import storage
 from scott_jax.data import augment
 from scott_jax.data.sources import Source, decode_image
 from scott_jax.optim import steps_per_epoch  # the one definition of an epoch's steps
@@ -322,7 +322,7 @@ def _contents_reader(source: Source, check_sizes: bool = False):
 def _size(path: str) -> int:
     """The file's size in bytes, or -1 if it cannot be read now (its read will fail)."""
     try:
-        return os.path.getsize(path)
+        return storage.size_and_mtime_ns(path)[0]
     except OSError:
         return -1
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from scott_jax import storage
 from scott_jax.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,9 @@ def load_source(
             f"labels_per_class applies to purpose 'probe_train' only, got purpose {purpose!r}"
         )
     if name.startswith(FOLDER_PREFIX):
-        root = os.path.expanduser(name[len(FOLDER_PREFIX) :])
+        root = name[len(FOLDER_PREFIX) :]
+        storage.check(root, "config.data.name folder")
+        root = os.path.expanduser(root) if storage.is_local(root) else root.rstrip("/")
         images, labels, num_classes, skipped = _folder(root, purpose, pretrain_split)
         select_fraction = FOLDER_SELECT_FRACTION
     elif name.startswith(TFDS_PREFIX):
@@ -565,7 +568,7 @@ def _imagenet100(name: str, splits: Sequence[str], data_dir: str | None):
 def _folder(root: str, purpose: str, pretrain_split: str):
     """(paths, labels, num_classes, skipped) of ``purpose`` in the tree ``root/<split>/...``."""
     name = FOLDER_PREFIX + root
-    if not os.path.isdir(root):
+    if not storage.is_dir(root):
         raise MissingDataError(f"{name}: no such folder")
     split_names, loose, _ = _scan(root)
     if not split_names:
@@ -652,23 +655,17 @@ def _scan(directory: str) -> tuple[list[str], list[str], collections.Counter]:
 
     Not recursive. Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``) are skipped.
     """
-    folders, images, other = [], [], collections.Counter()
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:  # a symlink loop, a vanished target: an unreadable entry
-                is_dir = False
-            if is_dir:
-                folders.append(entry.name)
-                continue
-            extension = os.path.splitext(entry.name)[1].lower()
-            if extension in IMAGE_EXTENSIONS:
-                images.append(entry.path)
-            else:
-                other[extension or "(none)"] += 1
+    subfolders, files = storage.list_dir(directory)
+    images, other = [], collections.Counter()
+    folders = [name for name in subfolders if not name.startswith(".")]
+    for name in files:
+        if name.startswith("."):
+            continue
+        extension = os.path.splitext(name)[1].lower()
+        if extension in IMAGE_EXTENSIONS:
+            images.append(os.path.join(directory, name))  # a string join: URIs too
+        else:
+            other[extension or "(none)"] += 1
     return sorted(folders), sorted(images), other
 
 
@@ -721,10 +718,10 @@ def _check_images(root: str, paths: np.ndarray) -> np.ndarray:
     prefix = len(os.path.join(root, ""))  # the paths were listed under root
     for i, path in enumerate(paths.tolist()):
         try:
-            stat = os.stat(path)
+            stamp = list(storage.size_and_mtime_ns(path))
         except OSError:
             continue  # a broken link: not ok
-        key, stamp = path[prefix:], [stat.st_size, stat.st_mtime_ns]
+        key = path[prefix:]
         entry = cache.get(key)
         if entry is not None and entry[:2] == stamp:
             ok[i] = entry[2]
@@ -755,11 +752,13 @@ def _decodes(paths: np.ndarray) -> np.ndarray:
 
 
 def _check_cache_path(root: str) -> str:
-    """Beside the data when that folder is writable, else under ``~/.cache/scott_jax``."""
-    if os.access(root, os.W_OK):
+    """Beside the data when that folder is local and writable, else under
+    ``~/.cache/scott_jax`` (a bucket may be read-only, and each write a billed request)."""
+    local = storage.is_local(root)
+    if local and os.access(root, os.W_OK):
         return os.path.join(root, _CHECK_CACHE_NAME)
     cache_home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser(os.path.join("~", ".cache")))
-    digest = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((os.path.realpath(root) if local else root).encode()).hexdigest()[:16]
     return os.path.join(cache_home, "scott_jax", f"image_check_{digest}.json")
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from scott_jax import methods
+from scott_jax import methods, storage
 from scott_jax.checkpoint import load_config, load_state_tree
 from scott_jax.errors import CheckpointError, ConfigError, MissingCheckpointError
 
@@ -47,8 +47,9 @@ def load_backbone(
     weights are not exactly (same leaves, shapes and dtypes) those of that encoder; both
     messages name the workdir and step.
     """
-    directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
-    if not os.path.isdir(directory):
+    storage.check(workdir, "--workdir")
+    directory = storage.join(workdir, "checkpoints")
+    if not storage.is_dir(directory):
         raise MissingCheckpointError(
             f"{workdir} is not a pretraining run: {directory} does not exist (probe.py needs "
             "the --workdir of a launch.py run)"

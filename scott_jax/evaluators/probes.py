@@ -18,7 +18,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scott_jax import optim
+from scott_jax import optim, storage
 from scott_jax.errors import ConfigError
 from scott_jax.evaluators.backbone import RANDOM, load_backbone
 from scott_jax.evaluators.features import backbone_features, extract_features
@@ -51,7 +51,8 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     (optimizer steps of each probe), 'seconds', 'config' and the 'resolved' run-dependent
     settings.
     """
-    workdir = os.fspath(workdir)
+    storage.check(workdir, "--workdir")
+    workdir = storage.resolve(workdir)
     _check_config(config)
     backbone = load_backbone(
         workdir, encoder=config.encoder, step=config.step, compute_dtype=config.compute_dtype
@@ -102,7 +103,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
             data.lengths.steps_per_epoch,
         )
     default_dir = "probe_random" if backbone.which == RANDOM else "probe"
-    output_dir = os.path.join(workdir, config.output_dir or default_dir)
+    output_dir = storage.join(workdir, config.output_dir or default_dir)
     history, seconds = _train_probes(
         config,
         probes,
@@ -115,7 +116,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         output_dir=output_dir,
     )
     results = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": workdir,
         "checkpoint_step": backbone.step,
         "encoder": backbone.which,
         "dataset": settings["dataset"],
@@ -138,10 +139,7 @@ def run_probes(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
         "resolved": settings,
     }
     if jax.process_index() == 0:
-        path = os.path.join(output_dir, "results.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
+        storage.write_text(storage.join(output_dir, "results.json"), json.dumps(results, indent=2))
     return results
 
 
@@ -237,11 +235,11 @@ def _train_probes(
         in_shardings=(replicated, data_sharding),
         out_shardings=replicated,
     )
-    os.makedirs(output_dir, exist_ok=True)
+    storage.makedirs(output_dir)
     writer = None
     if jax.process_index() == 0:
-        if os.path.exists(metrics := os.path.join(output_dir, "metrics.jsonl")):
-            os.remove(metrics)  # a new probe run replaces the previous one's rows
+        # A new probe run replaces the previous one's rows.
+        storage.remove(storage.join(output_dir, "metrics.jsonl"))
         writer = MetricWriter(output_dir, tensorboard=False)
     history, seconds = [], {"train": 0.0, "eval": 0.0}
     try:

@@ -7,7 +7,6 @@ was trained. The recipe is described in docs/design.md (Supervised baseline).
 import functools
 import json
 import logging
-import os
 from collections.abc import Mapping
 
 import flax
@@ -20,7 +19,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scott_jax import optim
+from scott_jax import optim, storage
 from scott_jax.config_checks import Checks
 from scott_jax.evaluators import Evaluator
 from scott_jax.evaluators.metrics import accuracies, classification_counts
@@ -247,7 +246,7 @@ def write_results(config, workdir: str, source, step: int) -> dict | None:
     history = eval_history(workdir, step)
     summary = summarize(history, (config.head,), rule=rule, score_split=score_split, encoder=NAME)
     results = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": storage.resolve(workdir),
         "method": NAME,
         "variant": config.variant,
         "head": config.head,
@@ -270,12 +269,9 @@ def write_results(config, workdir: str, source, step: int) -> dict | None:
         },
         "config": config.to_dict(),
     }
-    output_dir = os.path.join(workdir, config.output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    output_dir = storage.join(workdir, config.output_dir)
+    storage.makedirs(output_dir)
+    storage.write_text(storage.join(output_dir, "results.json"), json.dumps(results, indent=2))
     print(format_table(results))
     return results
 
