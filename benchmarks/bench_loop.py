@@ -53,6 +53,8 @@ def loop_images_per_sec(args, cache: str, workdir: str) -> float:
     config.data.cache = cache
     config.variant, config.img_size, config.batch_size = args.variant, args.img_size, args.batch
     config.compute_dtype = args.dtype
+    if args.color_on_device != "auto":
+        config.data.color_on_device = args.color_on_device == "true"
     config.log_every_steps = 1
     config.checkpoint_every_steps = 10**9
     loop.train_and_evaluate(config, workdir, stop_at_step=args.warmup + args.steps)
@@ -87,6 +89,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cache", nargs="+", default=["none", "device"])
+    parser.add_argument(
+        "--color-on-device",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="config.data.color_on_device for the streaming loop (auto: on GPU / TPU only)",
+    )
     parser.add_argument("--no-step", action="store_true", help="skip the step-only timing")
     args = parser.parse_args()
 

@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
         help="config.model.fast_dropout (auto: 16-bit bits on CPU only)",
     )
     parser.add_argument(
+        "--flat-matmuls",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="config.model.flat_matmuls (auto: 2-D matmuls on CPU only)",
+    )
+    parser.add_argument(
         "--grad-chunks", type=int, default=None, help="config.moca.grad_chunks (MOCA only)"
     )
     parser.add_argument("--compile-only", action="store_true", help="memory, no timing")
@@ -95,6 +101,8 @@ def setup(args):
         config.model.remat = True
     if args.fast_dropout != "auto":
         config.model.fast_dropout = args.fast_dropout == "true"
+    if args.flat_matmuls != "auto":
+        config.model.flat_matmuls = args.flat_matmuls == "true"
     if args.grad_chunks is not None:
         config.moca.grad_chunks = args.grad_chunks
     lengths = optim.RunLengths(steps_per_epoch=100, total_steps=10_000, warmup_steps=1_000)

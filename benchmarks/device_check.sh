@@ -8,6 +8,9 @@
 # timeout_s=540. Each result is one JSON line of bench_train.py, in $OUT/bench.jsonl
 # (images/s, MFU against the chip's dense peak, XLA's peak memory); stderr in $OUT.
 # SIZE and BATCH override 224 and 128 (e.g. SIZE=32 BATCH=2 IMAGES=64 for a CPU smoke run).
+# On a GPU run it in two calls that each fit the per-call limit: PART=main (the step lines
+# and the loop) and PART=tricks (the CPU-only speed tricks forced on; compare with main's
+# first line); the default runs both.
 # After the first step-only line, bench_loop.py runs the whole training loop (input, masks,
 # step) of the same step on IMAGES (default 2048) synthetic 500x375 JPEGs, with
 # config.data.cache 'none' (host decoding) and 'device' (docs/data.md#the-device-cache): its
@@ -31,6 +34,8 @@ bench() {
   timeout 240 python3 benchmarks/bench_train.py --img-size "$size" --batch "$batch" "$@" \
     2>>"$out/stderr.txt" | tail -1 | tee -a "$out/bench.jsonl"
 }
+part=${PART:-all}
+if [ "$part" != tricks ]; then
 bench --variant scott-12/16 --dtype bfloat16 --steps 10 --warmup 3
 echo "== loop, cache none and device"
 timeout 360 python3 benchmarks/bench_loop.py --synthetic "${IMAGES:-2048}" --variant scott-12/16 \
@@ -39,6 +44,15 @@ timeout 360 python3 benchmarks/bench_loop.py --synthetic "${IMAGES:-2048}" --var
 bench --variant scott-7/16 --dtype bfloat16 --steps 10 --warmup 3
 bench --variant scott-12/16 --dtype float32 --steps 5 --warmup 2
 bench --variant scott-12/16 --dtype bfloat16 --remat --steps 5 --warmup 2
-# The CPU-measured tricks, each against the accelerator default (plain XLA paths):
+fi
+[ "$part" = main ] && exit 0
+# The CPU-measured tricks, each against the accelerator default (plain XLA paths) of the
+# first line: docs/performance.md#gpu. A tricks-only call times that baseline again first.
+[ "$part" = tricks ] && bench --variant scott-12/16 --dtype bfloat16 --steps 5 --warmup 2
 bench --variant scott-12/16 --dtype bfloat16 --fast-dropout true --steps 5 --warmup 2
 bench --variant scott-12/16 --dtype bfloat16 --conv-impl im2col --steps 5 --warmup 2
+bench --variant scott-12/16 --dtype bfloat16 --flat-matmuls true --steps 5 --warmup 2
+echo "== loop, streaming with the colours in tf.data (color_on_device off)"
+timeout 240 python3 benchmarks/bench_loop.py --synthetic "${IMAGES:-2048}" --variant scott-12/16 \
+  --dtype bfloat16 --img-size "$size" --batch "$batch" --steps 10 --warmup 3 --no-step \
+  --cache none --color-on-device false 2>>"$out/stderr.txt" | tail -1 | tee -a "$out/bench.jsonl"

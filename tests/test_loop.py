@@ -288,6 +288,28 @@ def test_colour_on_device_step_equals_the_host_views_step():
     assert losses[0] > 0
 
 
+def test_colour_on_device_is_the_default_for_mim_jepa_on_accelerators_only(monkeypatch):
+    """color_on_device=None: on for a method whose step colours the views (MIM-JEPA) on a
+    GPU / TPU with one crop per image; off on CPU, for the other methods and for aug='moca';
+    an explicit True / False wins."""
+    from scott_jax.methods.base import Trainer
+
+    mim_jepa_trainer = Trainer(None, None, None, None, colours_views=True)
+    other = Trainer(None, None, None, None)
+    auto = tiny_config()
+    assert auto.data.color_on_device is None
+    assert not loop.color_on_device(auto, mim_jepa_trainer)  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert loop.color_on_device(auto, mim_jepa_trainer)
+    assert not loop.color_on_device(auto, other)
+    assert not loop.color_on_device(tiny_config(**{"data.aug": "moca"}), mim_jepa_trainer)
+    off = tiny_config(**{"data.color_on_device": False})
+    assert not loop.color_on_device(off, mim_jepa_trainer)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    on = tiny_config(**{"data.color_on_device": True})
+    assert loop.color_on_device(on, mim_jepa_trainer)
+
+
 @pytest.mark.slow
 def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     """Stop after step 3, resume, and the losses of steps 4-6 equal the uninterrupted run's."""

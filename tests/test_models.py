@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from scott_jax.models import VARIANTS, build_encoder, build_predictor, ijepa
 from scott_jax.models.encoder import Encoder
-from scott_jax.models.linear import Dense, flat_dot_general
+from scott_jax.models.linear import Dense, flat_dot_general, resolve_flat
 from scott_jax.models.tokenizers import ScottTokenizer, StemConv, max_blur_pool
 from scott_jax.models.transformer import sincos_pos_embed, swiglu_hidden_dim
 
@@ -171,6 +171,37 @@ def test_flat_dense_equals_nn_dense_and_its_weight_gradient_is_one_2d_matmul():
     assert all(len(lhs) == 1 for lhs, _ in contractions), contractions
     with pytest.raises(ValueError, match=r"\[\.\.\., I\] x \[I, O\]"):
         flat_dot_general(x, jnp.ones((5, 4)), (((1,), (0,)), ((), ())))
+
+
+def test_flat_matmuls_change_no_numbers_and_are_the_cpu_default_only(
+    tiny_vit, tiny_variables, batch, monkeypatch
+):
+    """config.model.flat_matmuls: the encoder's matmuls as 2-D products (True) or XLA's dot
+    over [B, N, D] (False) give the same outputs and gradients; None is True on CPU and
+    False on accelerators (the trick was measured on XLA:CPU only)."""
+    images, keep = batch
+
+    def run(flat, compute=True):
+        encoder = tiny_vit.clone(flat_matmuls=flat)
+
+        def loss(params):
+            return jnp.sum(jnp.sin(encoder.apply({"params": params}, images, keep)))
+
+        params = tiny_variables["tiny_vit"]["params"]
+        ranks = [
+            e.invars[0].aval.ndim
+            for e in jax.make_jaxpr(jax.grad(loss))(params).eqns
+            if e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0]
+        ]
+        return jax.jit(jax.value_and_grad(loss))(params) if compute else None, ranks
+
+    (flat_out, flat_ranks), (plain_out, plain_ranks) = run(True), run(False)
+    chex.assert_trees_all_close(flat_out, plain_out, rtol=1e-5, atol=1e-5)
+    assert max(flat_ranks) == 2 and max(plain_ranks) == 3
+    assert run(None, compute=False)[1] == flat_ranks  # on this CPU
+    assert resolve_flat(None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not resolve_flat(None) and resolve_flat(True)
 
 
 def test_sparse_stem_equals_masked_dense():

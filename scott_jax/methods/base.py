@@ -28,7 +28,9 @@ class Trainer(NamedTuple):
     'loss'. add_masks: (host-local data batches from `start_step`, start_step) -> step
     batches, run in the input thread (masks are pure functions of the step). evaluators: run
     every `every_steps` and at the end. progress_keys: the metrics shown in the progress line.
-    finish: (workdir, step) -> the results of a finished run, or None.
+    finish: (workdir, step) -> the results of a finished run, or None. colours_views: the
+    step also takes one uint8 crop, 'view', and makes and colours both views itself
+    (`config.data.color_on_device`, on by default on accelerators).
     """
 
     init: Callable
@@ -38,6 +40,7 @@ class Trainer(NamedTuple):
     evaluators: tuple[Evaluator, ...] = ()
     progress_keys: tuple[str, ...] = ("loss", "lr")
     finish: Callable[[str, int], dict] | None = None
+    colours_views: bool = False
 
 
 def all_finite(tree: Any) -> jax.Array:

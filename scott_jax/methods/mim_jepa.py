@@ -241,4 +241,6 @@ def build_trainer(
         return masked_batches(batches, config, encoder.grid_size, start_step)
 
     evaluators = online_knn(config, encoder, ENCODERS, lengths, mesh)
-    return jit_trainer(mesh, init, step, add_masks=add_masks, evaluators=evaluators)
+    return jit_trainer(
+        mesh, init, step, add_masks=add_masks, evaluators=evaluators, colours_views=True
+    )

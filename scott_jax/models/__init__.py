@@ -91,6 +91,7 @@ def build_predictor(encoder: Encoder, depth: int = 3, **overrides) -> Predictor:
         stochastic_depth_rate=encoder.stochastic_depth_rate,
         num_register_tokens=encoder.num_register_tokens,
         fast_dropout=encoder.fast_dropout,
+        flat_matmuls=encoder.flat_matmuls,
         dtype=encoder.dtype,
     )
     unknown = set(overrides) - set(Predictor.__dataclass_fields__)

@@ -38,6 +38,7 @@ class Encoder(nn.Module):
     conv_impl: str = "auto"
     remat: bool = False
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -85,6 +86,7 @@ class Encoder(nn.Module):
             num_register_tokens=self.num_register_tokens,
             remat=self.remat,
             fast_dropout=self.fast_dropout,
+            flat_matmuls=self.flat_matmuls,
             dtype=self.dtype,
             name="transformer",
         )(tokens, keep_mask, train=train)

@@ -8,10 +8,28 @@ stem's scatter/ReLU backward), which then runs 3-10x slower in transposed order.
 Flattening to [M, I] first makes the weight gradient a plain `x2ᵀ @ g2` that the matmul
 library reads without a copy: same numbers, and the 224 px pretraining step on CPU ~12 %
 faster (docs/performance.md). Reshapes of contiguous leading axes are free.
+
+That was measured on XLA:CPU only, so it is the default there and nowhere else: on a GPU or
+TPU (`flat_matmuls=None`, `config.model.flat_matmuls`) the encoder and predictor use XLA's
+own dot, and `benchmarks/device_check.sh` times both layouts on the next lent GPU.
 """
 
 import jax
 from flax import linen as nn
+
+
+def resolve_flat(flat: bool | None) -> bool:
+    """`flat_matmuls`: None means True on CPU, where the layout was measured faster, and
+    False on GPUs / TPUs (XLA's own dot over [..., I], not measured to gain there)."""
+    return jax.default_backend() == "cpu" if flat is None else bool(flat)
+
+
+def matmul(x: jax.Array, w: jax.Array, flat: bool | None = None) -> jax.Array:
+    """x [..., I] @ w [I, O] -> [..., O]: `matmul_2d` when `resolve_flat(flat)`, else one
+    dot over the last axis. Same numbers either way, up to summation order."""
+    if resolve_flat(flat):
+        return matmul_2d(x, w)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def matmul_2d(x: jax.Array, w: jax.Array, precision=None, preferred_element_type=None) -> jax.Array:
@@ -36,7 +54,21 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     return matmul_2d(lhs, rhs, precision, preferred_element_type)
 
 
-class Dense(nn.Dense):
-    """`nn.Dense` (same parameters, init and numbers) contracted as one 2-D matmul."""
+def auto_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`flat_dot_general` on CPU, `lax.dot_general` on accelerators (`resolve_flat(None)`)."""
+    dot = flat_dot_general if resolve_flat(None) else jax.lax.dot_general
+    return dot(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
-    dot_general: object = flat_dot_general
+
+def dense_dot_general(flat: bool | None = None):
+    """The `dot_general` of a `Dense` for a `flat_matmuls` setting (None: by backend)."""
+    if flat is None:
+        return auto_dot_general
+    return flat_dot_general if flat else jax.lax.dot_general
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same parameters, init and numbers) contracted as one 2-D matmul on CPU
+    and as XLA's own dot on accelerators; `dot_general=dense_dot_general(flat)` fixes it."""
+
+    dot_general: object = auto_dot_general

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from scott_jax.models import initializers
-from scott_jax.models.linear import Dense
+from scott_jax.models.linear import Dense, dense_dot_general
 from scott_jax.models.transformer import LN_EPS, Transformer
 
 
@@ -37,6 +37,7 @@ class Predictor(nn.Module):
     num_register_tokens: int = 0
     double_rescale: bool = True
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -64,6 +65,7 @@ class Predictor(nn.Module):
             use_mask_token=False,
             rescale_offsets=offsets,
             fast_dropout=self.fast_dropout,
+            flat_matmuls=self.flat_matmuls,
             dtype=self.dtype,
             name="transformer",
         )(x, train=train, queries=queries)
@@ -73,5 +75,6 @@ class Predictor(nn.Module):
             kernel_init=initializers.torch_default_kernel,
             bias_init=initializers.torch_default_bias(dim),
             dtype=self.dtype,
+            dot_general=dense_dot_general(self.flat_matmuls),
             name="head",
         )(x)

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from scott_jax.models import initializers
 from scott_jax.models.dropout import Dropout
-from scott_jax.models.linear import Dense, matmul_2d
+from scott_jax.models.linear import Dense, dense_dot_general, matmul
 
 LN_EPS = 1e-5
 LINEAR_STD = 0.02
@@ -65,10 +65,18 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
     return out.reshape(*idx.shape, x.shape[-1])
 
 
-def bias_free_dense(features: int, std: float, dtype: jnp.dtype, name: str) -> Dense:
-    """The blocks' linear layers: no bias, kernel N(0, std), `linear.Dense`."""
+def bias_free_dense(
+    features: int, std: float, dtype: jnp.dtype, name: str, flat: bool | None = None
+) -> Dense:
+    """The blocks' linear layers: no bias, kernel N(0, std), `linear.Dense` (2-D matmuls
+    when `linear.resolve_flat(flat)`)."""
     return Dense(
-        features, use_bias=False, kernel_init=initializers.normal(std), dtype=dtype, name=name
+        features,
+        use_bias=False,
+        kernel_init=initializers.normal(std),
+        dtype=dtype,
+        dot_general=dense_dot_general(flat),
+        name=name,
     )
 
 
@@ -97,7 +105,7 @@ class Kernel(nn.Module):
 class Attention(nn.Module):
     """Bias-free multi-head self-attention; qkv split q|k|v, heads head-major (`Attention`).
 
-    Both projections are 2-D matmuls over [B·N, D] rows (`matmul_2d`): x @ qkv [D, 3D],
+    Both projections are matmuls over [B·N, D] rows (`linear.matmul`): x @ qkv [D, 3D],
     then one transpose to head-major [3, B, H, N, d]; the heads are merged back to
     [B·N, D] before the projection. Contracting the kernels in head-split form instead
     ([D, 3, H, d], [H, d, D]) makes their gradients contract batch and token axes at
@@ -113,6 +121,7 @@ class Attention(nn.Module):
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, queries: jax.Array | None = None) -> jax.Array:
@@ -128,17 +137,18 @@ class Attention(nn.Module):
         x = x.astype(self.dtype)
         qkv_kernel = Kernel((dim, 3 * dim), name="qkv")().astype(self.dtype)
         if queries is None:
-            q, k, v = split_heads(matmul_2d(x, qkv_kernel))
+            q, k, v = split_heads(matmul(x, qkv_kernel, self.flat_matmuls))
         else:
-            (q,) = split_heads(matmul_2d(gather_tokens(x, queries), qkv_kernel[:, :dim]))
-            k, v = split_heads(matmul_2d(x, qkv_kernel[:, dim:]))
+            queried = gather_tokens(x, queries)
+            (q,) = split_heads(matmul(queried, qkv_kernel[:, :dim], self.flat_matmuls))
+            k, v = split_heads(matmul(x, qkv_kernel[:, dim:], self.flat_matmuls))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         weights = Dropout(self.attention_dropout, self.fast_dropout)(
             weights, deterministic=not train
         )
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-        out = bias_free_dense(dim, self.out_init_std, self.dtype, "proj")(
+        out = bias_free_dense(dim, self.out_init_std, self.dtype, "proj", self.flat_matmuls)(
             out.transpose(0, 2, 1, 3).reshape(batch, -1, dim)
         )
         return Dropout(self.dropout_rate, self.fast_dropout)(out, deterministic=not train)
@@ -149,15 +159,19 @@ class SwiGLU(nn.Module):
 
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         del train  # No dropout in the SwiGLU FFN, as in the reference.
         dim = x.shape[-1]
         hidden = swiglu_hidden_dim(dim)
-        x12 = bias_free_dense(2 * hidden, LINEAR_STD, self.dtype, "w12")(x)
+        flat = self.flat_matmuls
+        x12 = bias_free_dense(2 * hidden, LINEAR_STD, self.dtype, "w12", flat)(x)
         x1, x2 = jnp.split(x12, 2, axis=-1)
-        return bias_free_dense(dim, self.out_init_std, self.dtype, "last_linear")(nn.silu(x1) * x2)
+        return bias_free_dense(dim, self.out_init_std, self.dtype, "last_linear", flat)(
+            nn.silu(x1) * x2
+        )
 
 
 class Mlp(nn.Module):
@@ -168,14 +182,16 @@ class Mlp(nn.Module):
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dim = x.shape[-1]
-        x = bias_free_dense(int(dim * self.mlp_ratio), LINEAR_STD, self.dtype, "linear1")(x)
+        flat = self.flat_matmuls
+        x = bias_free_dense(int(dim * self.mlp_ratio), LINEAR_STD, self.dtype, "linear1", flat)(x)
         drop = Dropout(self.dropout_rate, self.fast_dropout)
         x = drop(nn.gelu(x, approximate=False), deterministic=not train)
-        x = bias_free_dense(dim, self.out_init_std, self.dtype, "last_linear")(x)
+        x = bias_free_dense(dim, self.out_init_std, self.dtype, "last_linear", flat)(x)
         return drop(x, deterministic=not train)
 
 
@@ -191,6 +207,7 @@ class Block(nn.Module):
     out_init_std: float = LINEAR_STD
     dtype: jnp.dtype = jnp.float32
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
 
     def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
         if not train or self.drop_path_rate == 0.0:
@@ -210,13 +227,14 @@ class Block(nn.Module):
             self.out_init_std,
             self.dtype,
             self.fast_dropout,
+            self.flat_matmuls,
             name="attn",
         )(layer_norm(x), train=train, queries=queries)
         if queries is not None:
             x = gather_tokens(x, queries)
         x = layer_norm(x + self._drop_path(y, train))
         if self.ffn_layer == "swiglu":
-            ffn = SwiGLU(self.out_init_std, self.dtype, name="ffn")
+            ffn = SwiGLU(self.out_init_std, self.dtype, self.flat_matmuls, name="ffn")
         elif self.ffn_layer == "mlp":
             ffn = Mlp(
                 self.mlp_ratio,
@@ -224,6 +242,7 @@ class Block(nn.Module):
                 self.out_init_std,
                 self.dtype,
                 self.fast_dropout,
+                self.flat_matmuls,
                 name="ffn",
             )
         else:
@@ -258,6 +277,7 @@ class Transformer(nn.Module):
     rescale_offsets: Sequence[int] = (0,)
     remat: bool = False
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
+    flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -313,6 +333,7 @@ class Transformer(nn.Module):
                 out_init_std=LINEAR_STD / divisor,
                 dtype=self.dtype,
                 fast_dropout=self.fast_dropout,
+                flat_matmuls=self.flat_matmuls,
                 name=f"block_{i}",
             )(x, train, last_queries if i == self.depth - 1 else None)
         return x if queries is not None else x[:, self.num_register_tokens :]
