@@ -164,6 +164,17 @@ def test_pixel_statistics_match_tf(views):
     np.testing.assert_allclose(ours.std(0), theirs.std(0), rtol=0.1)
 
 
+def test_one_example_at_a_time_equals_vectorised(views):
+    """two_views mapped one example at a time (``lax.map``, where each random choice is a
+    branch: the default on a single CPU device) takes the same draws as vectorised (the
+    fixture's, the default on these 8 devices)."""
+    assert not device_augment.sequential_by_default()
+    step = jax.jit(device_augment.two_views, static_argnums=(2, 3))
+    sequential = step(BATCH, jax.random.key(3), "diff", True)
+    for ours, theirs in zip(sequential, views["diff"], strict=True):
+        assert np.mean(np.abs(np.asarray(ours) - theirs) > 1e-5) < 1e-4
+
+
 def test_importing_device_augment_does_not_import_tensorflow():
     code = (
         "import sys, scott_jax.data.device_augment; "

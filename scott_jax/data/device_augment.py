@@ -11,8 +11,7 @@ TensorFlow ops, but drawn from ``jax.random`` and computed in float32, so a valu
 boundary can land one step off (tests bound how often); docs/design.md#augmentation explains
 why neither difference changes the distribution of the views. Every function works on one
 image of pixel floats [H, W, 3]; ``two_views`` maps ``color_augment`` over the batch with
-``vmap``, where each random choice becomes a select (every op computed, shapes static). This
-module imports no TensorFlow.
+``map_examples``. This module imports no TensorFlow.
 """
 
 import functools
@@ -35,7 +34,9 @@ from scott_jax.data.augment_spec import (
 )
 
 
-def two_views(views: jax.Array, key: jax.Array, aug: str) -> tuple[jax.Array, jax.Array]:
+def two_views(
+    views: jax.Array, key: jax.Array, aug: str, sequential: bool | None = None
+) -> tuple[jax.Array, jax.Array]:
     """uint8 (or pixel floats) [B, S, S, 3] -> (context, target), each float32 [B, S, S, 3].
 
     views: the batch's cropped and flipped views (``pretrain_batches(color_on_device=True)``
@@ -44,6 +45,7 @@ def two_views(views: jax.Array, key: jax.Array, aug: str) -> tuple[jax.Array, ja
     does not depend on how the batch is sharded. ``aug`` as in ``augment.two_views``: 'none'
     only normalises (both views the same array), 'same' colours once for both, 'diff' and
     'reference' colour each view with its own draw ('diff' has the same context as 'same').
+    The examples are mapped with ``map_examples(..., sequential)``.
     """
     check_aug(aug)
     if views.ndim != 4 or views.shape[-1] != 3:
@@ -54,12 +56,42 @@ def two_views(views: jax.Array, key: jax.Array, aug: str) -> tuple[jax.Array, ja
         return x, x
     batch = x.shape[0]
     keys = jax.random.split(key, 2 * batch)
+
+    def colour(example):
+        return color_augment(*example)
+
     if aug == "same":
-        context = normalize(jax.vmap(color_augment)(x, keys[:batch]))
+        context = normalize(map_examples(colour, (x, keys[:batch]), sequential))
         return context, context
-    # 'diff' and 'reference': both views in one vmap (one traced copy of the ops).
-    views = normalize(jax.vmap(color_augment)(jnp.concatenate([x, x]), keys))
-    return views[:batch], views[batch:]
+    # 'diff' and 'reference': both views in one map (one traced copy of the ops), each
+    # example's two next to each other, so that a sharded batch stays sharded as it is.
+    both = (jnp.repeat(x, 2, axis=0), jnp.stack([keys[:batch], keys[batch:]], 1).reshape(-1))
+    views = normalize(map_examples(colour, both, sequential)).reshape(batch, 2, *x.shape[1:])
+    return views[:, 0], views[:, 1]
+
+
+def map_examples(fn, examples, sequential: bool | None = None):
+    """fn mapped over the leading axis of the pytree ``examples``: one example at a time
+    (``lax.map``) if ``sequential``, else vectorised (``vmap``); the same values either way.
+
+    Vectorised, each random choice (``lax.cond`` / ``lax.switch``) becomes a select: every op
+    runs on every example and the drawn result is kept (with the random order, every colour op
+    at every position), but each op is one pass over the whole batch, which suits an
+    accelerator. One at a time, a choice is a branch: only the drawn ops run, and matrix
+    products are whole per-image GEMMs. On XLA:CPU that makes the views ~10x cheaper
+    (docs/performance.md#device-cache); on a GPU a loop of small kernels would be slower. None
+    (the default): ``sequential_by_default()``, one at a time on a single CPU device and
+    vectorised otherwise (an accelerator, or several devices, where the vectorised map keeps
+    the batch sharded; a loop over a sharded batch would run it whole on every device).
+    """
+    if sequential is None:
+        sequential = sequential_by_default()
+    return jax.lax.map(fn, examples) if sequential else jax.vmap(fn)(examples)
+
+
+def sequential_by_default() -> bool:
+    """Whether ``map_examples`` maps one example at a time by default: on a single CPU device."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def normalize(x: jax.Array) -> jax.Array:

@@ -154,13 +154,17 @@ def resize_weights(start, length, canvas: int, size: int) -> jax.Array:
     return weights * (1.0 / jnp.where(total == 0, 1.0, total))
 
 
-def crop_resize(image: jax.Array, transposed, box: jax.Array, size: int) -> jax.Array:
+def crop_resize(image: jax.Array, transposed, box: jax.Array, size: int, flip=False) -> jax.Array:
     """One cached image's ``box`` (in the image's own orientation) resized to [size, size, 3]
-    pixel floats (rounded and clipped to 0..255 as the host pipeline's uint8).
+    pixel floats (rounded and clipped to 0..255 as the host pipeline's uint8), mirrored left to
+    right if ``flip``.
 
-    Two matrix products over the canvas (columns, then rows, as TensorFlow), at full float32
-    precision (a TF32 / bf16 pass would move pixels by a level); a transposed image's box is
-    transposed onto its storage and the result transposed back.
+    Two matrix products over the canvas (columns, then rows, as TensorFlow: the longer canvas
+    axis is contracted first, the cheaper order), with the channels outside the products so
+    that each is one [3 Hc, Wc] x [Wc, size] and [size, Hc] x [Hc, 3 size] GEMM, at full
+    float32 precision (a TF32 / bf16 pass would move pixels by a level). A transposed image's
+    box is transposed onto its storage and the result transposed back; the flip reverses the
+    weights of the output's columns (the same products in mirrored order).
     """
     canvas_h, canvas_w = image.shape[0], image.shape[1]
     top, left, height, width = box[0], box[1], box[2], box[3]
@@ -170,10 +174,14 @@ def crop_resize(image: jax.Array, transposed, box: jax.Array, size: int) -> jax.
     col_length = jnp.where(transposed, height, width)
     rows = resize_weights(row_start, row_length, canvas_h, size)
     cols = resize_weights(col_start, col_length, canvas_w, size)
+    # The output's columns come from the storage's rows when it is transposed.
+    rows = jnp.where(jnp.logical_and(flip, transposed), rows[::-1], rows)
+    cols = jnp.where(jnp.logical_and(flip, jnp.logical_not(transposed)), cols[::-1], cols)
     highest = jax.lax.Precision.HIGHEST
-    x = image.astype(jnp.float32)
-    x = jnp.einsum("hwc,xw->hxc", x, cols, precision=highest)
-    x = jnp.einsum("yh,hxc->yxc", rows, x, precision=highest)
+    x = jnp.moveaxis(image, -1, 0).astype(jnp.float32)  # [3, Hc, Wc]
+    x = jnp.einsum("chw,xw->chx", x, cols, precision=highest)
+    x = jnp.einsum("yh,chx->ycx", rows, x, precision=highest)
+    x = jnp.swapaxes(x, 1, 2)  # [size, size, 3]
     x = jnp.where(transposed, jnp.swapaxes(x, 0, 1), x)
     return jnp.round(jnp.clip(x, 0.0, 255.0))
 
@@ -195,6 +203,7 @@ def make_views(
     img_size: int,
     crop_scale: tuple[float, float] = (0.2, 1.0),
     aug: str = "none",
+    sequential: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(context, target), float32 [b, img_size, img_size, 3], normalised: the two views of the
     examples ``index`` (int32 [b]) at stream positions ``position`` (int32 [b]).
@@ -202,27 +211,38 @@ def make_views(
     Per example: one ``crop_box`` + ``crop_resize`` + flip (p 0.5) shared by both views, then
     each view's colour (``device_augment.color_augment``; ``aug`` as in ``augment.two_views``:
     'none' no colour and one array for both, 'same' one draw for both, 'diff' / 'reference'
-    a draw each), then ImageNet normalisation.
+    a draw each), then ImageNet normalisation. The examples are mapped with
+    ``device_augment.map_examples(..., sequential)``: by default one at a time on a single CPU
+    device, vectorised elsewhere; the views are the same either way.
     """
     check_aug(aug)
     if aug == "moca":
         raise ValueError("aug='moca' crops each view on its own: not available from the cache")
     keys = example_keys(seed, position)
 
-    def crop(i, crop_key, flip_key):
+    def crop(example):
+        i, crop_key, flip_key = example
         box = crop_box(crop_key, cache.sizes[i, 0], cache.sizes[i, 1], crop_scale)
-        view = crop_resize(cache.images[i], cache.transposed[i], box, img_size)
-        return jnp.where(jax.random.bernoulli(flip_key), view[:, ::-1], view)
+        flip = jax.random.bernoulli(flip_key)
+        return crop_resize(cache.images[i], cache.transposed[i], box, img_size, flip)
 
-    views = jax.vmap(crop)(index, keys[:, 0], keys[:, 1])
+    def colour(example):
+        return device_augment.color_augment(*example)
+
+    views = device_augment.map_examples(crop, (index, keys[:, 0], keys[:, 1]), sequential)
     if aug == "none":
         views = device_augment.normalize(views)
         return views, views
-    context = device_augment.normalize(jax.vmap(device_augment.color_augment)(views, keys[:, 2]))
     if aug == "same":
+        context = device_augment.map_examples(colour, (views, keys[:, 2]), sequential)
+        context = device_augment.normalize(context)
         return context, context
-    target = device_augment.normalize(jax.vmap(device_augment.color_augment)(views, keys[:, 3]))
-    return context, target
+    # 'diff' and 'reference': both views in one map (one traced copy of the colour ops), each
+    # example's two next to each other, so that a sharded batch stays sharded as it is.
+    both = (jnp.repeat(views, 2, axis=0), keys[:, 2:].reshape(-1))
+    both = device_augment.normalize(device_augment.map_examples(colour, both, sequential))
+    both = both.reshape(-1, 2, *both.shape[1:])
+    return both[:, 0], both[:, 1]
 
 
 def with_views(batch: dict, cache: DeviceCache, **view_args) -> dict:
