@@ -56,18 +56,30 @@ def two_views(
         return x, x
     batch = x.shape[0]
     keys = jax.random.split(key, 2 * batch)
-
-    def colour(example):
-        return color_augment(*example)
-
     if aug == "same":
-        context = normalize(map_examples(colour, (x, keys[:batch]), sequential))
+        context = normalize(color_augment_examples(x, keys[:batch], sequential))
         return context, context
     # 'diff' and 'reference': both views in one map (one traced copy of the ops), each
     # example's two next to each other, so that a sharded batch stays sharded as it is.
-    both = (jnp.repeat(x, 2, axis=0), jnp.stack([keys[:batch], keys[batch:]], 1).reshape(-1))
-    views = normalize(map_examples(colour, both, sequential)).reshape(batch, 2, *x.shape[1:])
+    pairs = jnp.stack([keys[:batch], keys[batch:]], 1).reshape(-1)
+    views = normalize(color_augment_examples(jnp.repeat(x, 2, axis=0), pairs, sequential))
+    views = views.reshape(batch, 2, *x.shape[1:])
     return views[:, 0], views[:, 1]
+
+
+def color_augment_examples(
+    x: jax.Array, keys: jax.Array, sequential: bool | None = None
+) -> jax.Array:
+    """``color_augment`` of each example: pixel floats [n, H, W, 3], keys [n] -> same.
+
+    One example at a time (``map_examples``), each random choice a branch; vectorised, the
+    branch-free ``color_augment_vectorised``, which gives the same values.
+    """
+    if sequential is None:
+        sequential = sequential_by_default()
+    if sequential:
+        return map_examples(lambda example: color_augment(*example), (x, keys), True)
+    return jax.vmap(color_augment_vectorised)(x, keys)
 
 
 def map_examples(fn, examples, sequential: bool | None = None):
@@ -75,11 +87,11 @@ def map_examples(fn, examples, sequential: bool | None = None):
     (``lax.map``) if ``sequential``, else vectorised (``vmap``); the same values either way.
 
     Vectorised, each random choice (``lax.cond`` / ``lax.switch``) becomes a select: every op
-    runs on every example and the drawn result is kept (with the random order, every colour op
-    at every position), but each op is one pass over the whole batch, which suits an
-    accelerator. One at a time, a choice is a branch: only the drawn ops run, and matrix
-    products are whole per-image GEMMs. On XLA:CPU that makes the views ~10x cheaper
-    (docs/performance.md#device-cache); on a GPU a loop of small kernels would be slower. None
+    runs on every example and the drawn result is kept, but each op is one pass over the whole
+    batch, which suits an accelerator. One at a time, a choice is a branch: only the drawn ops
+    run, and matrix products are whole per-image GEMMs. On XLA:CPU that makes the device-cache
+    views several times cheaper (docs/performance.md#device-cache); on a GPU a loop of small
+    kernels would be slower. None
     (the default): ``sequential_by_default()``, one at a time on a single CPU device and
     vectorised otherwise (an accelerator, or several devices, where the vectorised map keeps
     the batch sharded; a loop over a sharded batch would run it whole on every device).
@@ -116,6 +128,44 @@ def color_augment(x: jax.Array, key: jax.Array) -> jax.Array:
     return _random_apply(x, gate, COLOUR_P, lambda y: _in_random_order(y, ops, order))
 
 
+def color_augment_vectorised(x: jax.Array, key: jax.Array) -> jax.Array:
+    """``color_augment(x, key)`` without branches, for ``vmap``: the same draws and values.
+
+    Under ``vmap`` a branch becomes a select over every outcome, which for the random order
+    computes every op at every position (3 x (4 x 4 jitter sub-ops + grayscale + blur)).
+    Here each op runs once per slot of a fixed sequence that can hold any order, and an
+    example keeps an op's result only in the slot its draws put it in (else its input):
+    grayscale, blur, grayscale, *jitter*, grayscale, blur, grayscale for the three ops (any
+    order of them is a subsequence), and inside the jitter 3 blends, the hue shift, 3 blends
+    (brightness, contrast and saturation are all blends, of black, the mean grey and the grey
+    image). That is 1 hue shift, 2 blurs and 10 cheap passes instead of 54 ops.
+    """
+    gate, order, jitter_coin, jitter, gray_coin, blur_coin, blur = jax.random.split(key, 7)
+    colour = jax.random.uniform(gate) < COLOUR_P
+    do_jitter = colour & (jax.random.uniform(jitter_coin) < JITTER_P)
+    do_gray = colour & (jax.random.uniform(gray_coin) < GRAYSCALE_P)
+    do_blur = colour & (jax.random.uniform(blur_coin) < BLUR_P)
+    # Positions of jitter, grayscale, blur in _in_random_order's order.
+    jitter_at, gray_at, blur_at = jnp.argsort(jax.random.permutation(order, 3))
+    gray_first, blur_first = gray_at < jitter_at, blur_at < jitter_at
+    blur_then_gray = blur_at < gray_at
+    sigma = jax.random.uniform(blur, (), minval=BLUR_SIGMA[0], maxval=BLUR_SIGMA[1])
+
+    def gray_if(y, keep):
+        return jnp.where(keep, grayscale(y), y)
+
+    def blur_if(y, keep):
+        return jnp.where(keep, gaussian_filter(y, sigma), y)
+
+    x = gray_if(x, do_gray & gray_first & ~blur_then_gray)
+    x = blur_if(x, do_blur & blur_first)
+    x = gray_if(x, do_gray & gray_first & blur_then_gray)
+    x = _color_jitter_vectorised(x, jitter, do_jitter)
+    x = gray_if(x, do_gray & ~gray_first & (blur_first | ~blur_then_gray))
+    x = blur_if(x, do_blur & ~blur_first)
+    return gray_if(x, do_gray & ~gray_first & ~blur_first & blur_then_gray)
+
+
 def color_jitter(
     x: jax.Array,
     key: jax.Array,
@@ -146,6 +196,39 @@ def color_jitter(
     if hue:
         ops.append(functools.partial(adjust_hue, shift=hue * (2.0 * u[3] - 1.0)))
     return _in_random_order(x, ops, order_key)
+
+
+def _color_jitter_vectorised(x: jax.Array, key: jax.Array, apply) -> jax.Array:
+    """``color_jitter(x, key)`` where ``apply``, else x, without branches (``JITTER``'s
+    strengths, all four non-zero): blend, blend, blend, hue shift, blend, blend, blend, each
+    blend slot taking the sub-op that the drawn order puts there (or keeping its input)."""
+    factor_key, order_key = jax.random.split(key)
+    u = jax.random.uniform(factor_key, (4,))
+    # color_jitter's factors: brightness, contrast, saturation (blend kinds 0, 1, 2), hue.
+    lows = [max(0.0, 1.0 - s) for s in JITTER[:3]]
+    spans = [1.0 + s - lo for s, lo in zip(JITTER[:3], lows, strict=True)]
+    factors = jnp.array(lows) + jnp.array(spans) * u[:3]
+    shift = JITTER[3] * (2.0 * u[3] - 1.0)
+    order = jax.random.permutation(order_key, 4)  # order[position]: sub-op (3 = hue)
+    hue_at = jnp.argmax(order == 3)
+    for slot in range(6):  # 3 before the hue shift, 3 after
+        position = slot if slot < 3 else hue_at + slot - 2
+        kind = order[jnp.minimum(position, 3)]
+        keep = apply & (position < hue_at if slot < 3 else position < 4)
+        x = jnp.where(keep, _blend_kind(x, kind, factors[jnp.minimum(kind, 2)]), x)
+        if slot == 2:
+            x = jnp.where(apply, adjust_hue(x, shift), x)
+    return x
+
+
+def _blend_kind(x: jax.Array, kind, factor) -> jax.Array:
+    """``adjust_brightness`` (kind 0), ``adjust_contrast`` (1) or ``adjust_saturation`` (2),
+    by a traced kind: the same blend of x with black, the mean luma or the luma image."""
+    luma = _luma(x)
+    count = luma.size
+    mean = (2 * jnp.sum(luma.astype(jnp.int32)) + count) // (2 * count)
+    degenerate = jnp.where(kind == 0, 0.0, jnp.where(kind == 1, mean.astype(jnp.float32), luma))
+    return _blend(degenerate, x, factor)
 
 
 def adjust_brightness(x: jax.Array, factor) -> jax.Array:

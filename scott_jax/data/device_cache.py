@@ -226,22 +226,19 @@ def make_views(
         flip = jax.random.bernoulli(flip_key)
         return crop_resize(cache.images[i], cache.transposed[i], box, img_size, flip)
 
-    def colour(example):
-        return device_augment.color_augment(*example)
-
     views = device_augment.map_examples(crop, (index, keys[:, 0], keys[:, 1]), sequential)
     if aug == "none":
         views = device_augment.normalize(views)
         return views, views
     if aug == "same":
-        context = device_augment.map_examples(colour, (views, keys[:, 2]), sequential)
+        context = device_augment.color_augment_examples(views, keys[:, 2], sequential)
         context = device_augment.normalize(context)
         return context, context
     # 'diff' and 'reference': both views in one map (one traced copy of the colour ops), each
     # example's two next to each other, so that a sharded batch stays sharded as it is.
-    both = (jnp.repeat(views, 2, axis=0), keys[:, 2:].reshape(-1))
-    both = device_augment.normalize(device_augment.map_examples(colour, both, sequential))
-    both = both.reshape(-1, 2, *both.shape[1:])
+    both = jnp.repeat(views, 2, axis=0)
+    both = device_augment.color_augment_examples(both, keys[:, 2:].reshape(-1), sequential)
+    both = device_augment.normalize(both).reshape(-1, 2, *views.shape[1:])
     return both[:, 0], both[:, 1]
 
 
