@@ -315,11 +315,11 @@ def split_images(x: jax.Array, chunks: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 0, 1)
 
 
-def loss_and_grads(params, views, ids, q, bow, codebook_words, *, nets, settings, chunks=1):
+def loss_and_grads(params, views, ids, q, bow, codebook_words, *, nets, settings):
     """((L, (L_img, L_loc)), ∂L/∂params) with L = img_weight·L_img + loc_weight·L_loc, for
     `student_losses`' inputs and the step's codebook; params: the whole student.
 
-    With `chunks` = k > 1 the images are split into k equal parts (`split_images`) and a
+    With `settings.grad_chunks` = k > 1 the images are split into k equal parts and a
     `lax.scan` runs the forward and backward pass of one part at a time, summing the
     gradients: the losses are means over rows, so L and its gradient are the mean over the
     parts, the same numbers up to float round-off, while only one part's activations are alive
@@ -341,6 +341,7 @@ def loss_and_grads(params, views, ids, q, bow, codebook_words, *, nets, settings
         value, grads = grad_fn(student, protos, part)
         return jax.tree.map(jnp.add, total, (value, grads)), None
 
+    chunks = settings.grad_chunks
     parts = jax.tree.map(lambda x: split_images(x, chunks), (views, ids, q, bow))
     zero = jnp.zeros((), jnp.float32)
     zeros = ((zero, (zero, zero)), jax.tree.map(jnp.zeros_like, (student, protos)))
@@ -368,7 +369,8 @@ def train_step(
     the step), 'label' [B] when the online probe is on. Order: teacher targets with the
     codebook and μ̄ of the previous step; the codebook update from one view (the new words
     drawn from `fold_in(seed, step)`, or `new_words` = (view, images, tokens) given); the
-    student's losses with the old codebook; clip + AdamW; then the teacher EMA with m(k + 1),
+    student's losses and gradients with the old codebook (`loss_and_grads`, in
+    `moca.grad_chunks` parts of the batch); clip + AdamW; then the teacher EMA with m(k + 1),
     which is the code's EMA at the start of the next step (same numbers).
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -393,7 +395,6 @@ def train_step(
         state.codebook["words"],
         nets=nets,
         settings=settings,
-        chunks=settings.grad_chunks,
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
