@@ -15,7 +15,7 @@ Both modes print host_ms_per_image, the host CPU time per image. With ``--time-d
 cached mode also times ``device_cache.make_views`` (crop, resize, flip, colour, normalise; both
 views) on one batch, as the step runs it on this backend (device_map: one example at a time on
 a single CPU device, vectorised elsewhere; ``--vectorised`` forces the vectorised form), the
-median of 5 calls (device_ms_per_batch), and prints the XLA cost analysis FLOPs of the
+median of 10 calls (device_ms_per_batch), and prints the XLA cost analysis FLOPs of the
 vectorised form (device_flops_per_batch: it counts every op for every example, an upper bound
 of what the one-at-a-time form runs, whose loop the cost analysis counts once).
 
@@ -164,7 +164,7 @@ def views_cost(cache, refs, args) -> dict:
     run = compiled(sequential)
     jax.block_until_ready(run(cache, refs))
     seconds = []
-    for _ in range(5):
+    for _ in range(10):
         start = time.perf_counter()
         jax.block_until_ready(run(cache, refs))
         seconds.append(time.perf_counter() - start)
