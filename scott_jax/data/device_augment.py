@@ -10,8 +10,9 @@ Same ops, probabilities, ranges, random order and 0..255 integer arithmetic as `
 TensorFlow ops, but drawn from ``jax.random`` and computed in float32, so a value on a rounding
 boundary can land one step off (tests bound how often); docs/design.md#augmentation explains
 why neither difference changes the distribution of the views. Every function works on one
-image of pixel floats [H, W, 3]; ``two_views`` maps ``color_augment`` over the batch with
-``map_examples``. This module imports no TensorFlow.
+image of pixel floats [H, W, 3]; ``two_views`` maps the colours over the batch with
+``color_augment_examples``: ``color_augment`` one example at a time on a CPU, the branch-free
+``color_augment_vectorised`` (same values) elsewhere. This module imports no TensorFlow.
 """
 
 import functools
@@ -91,10 +92,10 @@ def map_examples(fn, examples, sequential: bool | None = None):
     batch, which suits an accelerator. One at a time, a choice is a branch: only the drawn ops
     run, and matrix products are whole per-image GEMMs. On XLA:CPU that makes the device-cache
     views several times cheaper (docs/performance.md#device-cache); on a GPU a loop of small
-    kernels would be slower. None
-    (the default): ``sequential_by_default()``, one at a time on a single CPU device and
-    vectorised otherwise (an accelerator, or several devices, where the vectorised map keeps
-    the batch sharded; a loop over a sharded batch would run it whole on every device).
+    kernels would be slower. None (the default): ``sequential_by_default()``, one at a time on
+    a single CPU device and vectorised otherwise (an accelerator, or several devices, where the
+    vectorised map keeps the batch sharded; a loop over a sharded batch would run it whole on
+    every device).
     """
     if sequential is None:
         sequential = sequential_by_default()
@@ -202,6 +203,8 @@ def _color_jitter_vectorised(x: jax.Array, key: jax.Array, apply) -> jax.Array:
     """``color_jitter(x, key)`` where ``apply``, else x, without branches (``JITTER``'s
     strengths, all four non-zero): blend, blend, blend, hue shift, blend, blend, blend, each
     blend slot taking the sub-op that the drawn order puts there (or keeping its input)."""
+    if not all(JITTER):  # color_jitter leaves a zero strength out of its order
+        raise ValueError(f"the vectorised jitter needs four non-zero strengths, got {JITTER}")
     factor_key, order_key = jax.random.split(key)
     u = jax.random.uniform(factor_key, (4,))
     # color_jitter's factors: brightness, contrast, saturation (blend kinds 0, 1, 2), hue.
@@ -302,7 +305,8 @@ def _in_random_order(x: jax.Array, ops, key: jax.Array) -> jax.Array:
     """The ops (each x -> same shape) composed in a uniformly random order.
 
     A loop over the positions, so that the program holds each op once (under ``vmap`` every
-    op still runs at every position, and the drawn one is kept).
+    op still runs at every position, and the drawn one is kept: ``color_augment_vectorised``
+    is the form for ``vmap``).
     """
     order = jax.random.permutation(key, len(ops))
     return jax.lax.fori_loop(
