@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     # host only sends indices); 'auto': 'device' on a GPU / TPU when the set fits the budget,
     # else 'none' (on a CPU streaming is as fast: the device is the host).
     config.data.cache = "auto"
-    # The cached images' shorter side in px (larger images are shrunk); None: 2 x img_size.
+    # The cached images' shorter side in px (larger images are shrunk); None: 1.5 x img_size.
     config.data.cache_size = ml_collections.FieldReference(None, field_type=int)
     # The most device memory (GiB, per device: the cache is replicated) the cache may take,
     # and never over half the device's memory.
