@@ -281,6 +281,8 @@ MAY_CHANGE = (
     "checkpoint_fallback",
     "accept_config_changes",
     "model.flat_matmuls",
+    "model.remat",
+    "moca.grad_chunks",
     "data.data_dir",
     "data.accept_changed_dataset",
 )
