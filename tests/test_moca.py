@@ -3,6 +3,8 @@ losses (the paper's worked numbers), schedules, sizes, SCOTT information flow, t
 (8 devices = 1), resume = uninterrupted (codebook included), the loss falling on digits and
 probe.py loading the teacher."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -165,20 +167,25 @@ def test_losses_pair_views_and_scale_as_the_code():
     config = tiny_moca_config()
     nets = moca.build_models(config)
     settings = moca.Settings.from_config(config, nets.encoder)
-    state = moca.create_train_state(
-        jax.random.key(0),
-        config=config,
-        nets=nets,
-        settings=settings,
-        tx=moca.make_optimizer(config, LENGTHS).tx,
-        probe=None,
-    )
+    # Jitted: op by op, the init and the teacher take several times longer than compiling.
+    state = jax.jit(
+        functools.partial(
+            moca.create_train_state,
+            config=config,
+            nets=nets,
+            settings=settings,
+            tx=moca.make_optimizer(config, LENGTHS).tx,
+            probe=None,
+        )
+    )(jax.random.key(0))
     views = jax.random.normal(jax.random.key(1), (2, 2, 96, 96, 3))
     ids = mm.moca_masks(0, 0, 2, 36, settings.sizes)
-    _, q, bow, _ = moca.teacher_targets(
+    _, q, bow, _ = jax.jit(moca.teacher_targets, static_argnames=("encoder", "settings"))(
         state.target_params, state.codebook, views, encoder=nets.encoder, settings=settings
     )
-    protos = moca.prototypes(state.params, state.codebook["words"], nets=nets)
+    protos = jax.jit(moca.prototypes, static_argnames=("nets",))(
+        state.params, state.codebook["words"], nets=nets
+    )
     args = (state.params, protos, views, ids, q, bow)
     losses = jax.jit(moca.student_losses, static_argnames=("nets", "settings"))
     img, loc = losses(*args, nets=nets, settings=settings)
