@@ -400,7 +400,8 @@ def test_probe_loads_the_teacher_of_a_moca_run(moca_runs):
 def test_loss_falls_on_digits(tmp_path):
     """30 steps of the tiny model on digits: the mean loss of the last 10 steps is well below
     that of the first 10 (same program as `moca_runs`, so nothing new compiles)."""
-    loop.train_and_evaluate(tiny_moca_config(), tmp_path, stop_at_step=30)
+    config = tiny_moca_config(checkpoint_every_steps=1000)  # one save, at the end
+    loop.train_and_evaluate(config, tmp_path, stop_at_step=30)
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
     assert len(losses) == 30
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
