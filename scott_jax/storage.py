@@ -17,7 +17,7 @@ rewritten whole on cloud storage (scott_jax.writers); the workdir lock is local 
 import importlib.util
 import os
 import re
-import tempfile
+import uuid
 
 from etils import epath
 
@@ -134,8 +134,10 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     if not is_local(location):
         target.write_bytes(data)  # one upload: the object appears whole when it ends
         return
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:  # a unique name: concurrent writers never mix
+    # A unique name, so concurrent writers never mix; `open` (not mkstemp's 0600) keeps the
+    # permissions the user's umask gives.
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "xb") as f:
         f.write(data)
     os.replace(tmp, target)
 
