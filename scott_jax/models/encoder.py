@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from scott_jax.models.tokenizers import make_tokenizer, patch_grid
+from scott_jax.models.tokenizers import PatchGrid, make_tokenizer
 from scott_jax.models.transformer import Transformer
 
 
-class Encoder(nn.Module):
+class Encoder(PatchGrid, nn.Module):
     """SCOTT (`tokenizer='scott'`) or patch-embed ViT (`tokenizer='vit'`) encoder.
 
     The official `src/models/scott.py`, `SCOTT`, and `src/models/vit.py`, `ViT`: tokenizer,
@@ -40,14 +40,6 @@ class Encoder(nn.Module):
     fast_dropout: bool | None = None  # None: 16-bit dropout bits on CPU only (models.dropout)
     flat_matmuls: bool | None = None  # None: 2-D matmul layouts on CPU only (models.linear)
     dtype: jnp.dtype = jnp.float32
-
-    @property
-    def grid_size(self) -> int:
-        return patch_grid(self.img_size, self.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
 
     @nn.compact
     def __call__(

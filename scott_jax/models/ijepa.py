@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from scott_jax.models import initializers
 from scott_jax.models.linear import Dense
-from scott_jax.models.tokenizers import make_tokenizer, patch_grid
+from scott_jax.models.tokenizers import PatchGrid, make_tokenizer
 from scott_jax.models.transformer import LINEAR_STD, drop_path, gather_tokens, sincos_pos_embed
 
 LN_EPS = 1e-6
@@ -136,7 +136,7 @@ def keep_mask_from(context_idx: jax.Array, context_valid: jax.Array, num_patches
     )
 
 
-class Encoder(nn.Module):
+class Encoder(PatchGrid, nn.Module):
     """I-JEPA context / target encoder: tokenizer -> + sin-cos pos-embed -> gather -> ViT.
 
     images [B, S, S, 3] -> [B, N, D] for the full image (the target encoder, probes), or,
@@ -157,14 +157,6 @@ class Encoder(nn.Module):
     depth_rescale_init: bool = False
     conv_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
-
-    @property
-    def grid_size(self) -> int:
-        return patch_grid(self.img_size, self.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
 
     @nn.compact
     def __call__(

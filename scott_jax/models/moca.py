@@ -20,7 +20,7 @@ from flax import linen as nn
 from scott_jax.models import initializers
 from scott_jax.models.ijepa import LN_EPS, Block, keep_mask_from
 from scott_jax.models.linear import Dense
-from scott_jax.models.tokenizers import PatchEmbedTokenizer, make_tokenizer, patch_grid
+from scott_jax.models.tokenizers import PatchEmbedTokenizer, PatchGrid, make_tokenizer
 from scott_jax.models.transformer import LINEAR_STD, gather_tokens, sincos_pos_embed
 
 #: `F.normalize`'s eps in `models_moca.py` (NORMALIZE_EPS).
@@ -53,7 +53,7 @@ def _blocks(x, depth, num_heads, mlp_ratio, dtype, remat=False) -> list[jax.Arra
     return outputs
 
 
-class Encoder(nn.Module):
+class Encoder(PatchGrid, nn.Module):
     """MOCA's student / teacher encoder (`ViTEncoder`): tokenizer -> + pos-embed -> keep the
     visible tokens -> prepend [CLS] -> pre-norm blocks -> LN after the last block only.
 
@@ -76,14 +76,6 @@ class Encoder(nn.Module):
     conv_impl: str = "auto"
     remat: bool = False  # gradient checkpointing of the blocks (and the SCOTT stem)
     dtype: jnp.dtype = jnp.float32
-
-    @property
-    def grid_size(self) -> int:
-        return patch_grid(self.img_size, self.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
 
     @nn.compact
     def __call__(

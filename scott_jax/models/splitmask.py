@@ -19,7 +19,7 @@ from flax import linen as nn
 from scott_jax.models import initializers
 from scott_jax.models.ijepa import Transformer, keep_mask_from
 from scott_jax.models.linear import Dense
-from scott_jax.models.tokenizers import make_tokenizer, patch_grid
+from scott_jax.models.tokenizers import PatchGrid, make_tokenizer
 from scott_jax.models.transformer import LINEAR_STD, gather_tokens, sincos_pos_embed
 
 #: `pos_embed` values: the original ViT's learned table, or SCOTT's fixed row-first sin-cos.
@@ -37,7 +37,7 @@ def position_table(encoder: "Encoder", encoder_params: dict) -> jax.Array:
     return jnp.asarray(sincos_pos_embed(encoder.embed_dim, encoder.grid_size))
 
 
-class Encoder(nn.Module):
+class Encoder(PatchGrid, nn.Module):
     """images [B, S, S, 3] -> [B, N, D] (the whole image: probes, k-NN), or with `visible`
     int [B, K] (a subset's sorted token indices) -> [B, K, D] from those tokens alone.
 
@@ -56,14 +56,6 @@ class Encoder(nn.Module):
     pos_embed: str = "learned"
     conv_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
-
-    @property
-    def grid_size(self) -> int:
-        return patch_grid(self.img_size, self.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
 
     @nn.compact
     def __call__(

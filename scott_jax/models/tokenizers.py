@@ -39,6 +39,19 @@ def patch_grid(img_size: int, patch_size: int) -> int:
     return img_size // patch_size
 
 
+class PatchGrid:
+    """`grid_size` and `num_patches` of an encoder module with `img_size` and `patch_size`
+    fields (a mixin of the methods' encoders)."""
+
+    @property
+    def grid_size(self) -> int:
+        return patch_grid(self.img_size, self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
 def check_inputs(images: jax.Array, keep_mask: jax.Array | None, img_size: int, grid: int):
     """Validates static shapes: images [B, img_size, img_size, 3], keep_mask [B, grid²]."""
     if images.ndim != 4 or images.shape[1:3] != (img_size, img_size):
