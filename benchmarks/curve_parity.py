@@ -6,7 +6,7 @@
 A control for docs/results.md (Parity): both steps start from the *same* weights (the
 official init of `reference_pretrain.official_models`, converted with `scott_jax.convert`)
 and read the same batches and keep-masks, the stream that `launch.py` feeds the step
-(`pretrain_batches` + `mim_jepa.masked_batches`). The official step is
+(`loop.input_stream` + `mim_jepa.masked_batches`). The official step is
 `bench_reference.make_step` (official models, AdamW groups, schedulers, EMA); ours is the
 jitted step of `mim_jepa.build_trainer`. With `--regularisation=off` (dropout, attention
 dropout and drop-path 0) the two compute the same function and must coincide to float32
@@ -79,9 +79,9 @@ def main() -> None:
     from bench_reference import make_step
     from reference_pretrain import official_models, to_torch
 
-    from scott_jax import optim
+    from scott_jax import loop, optim
     from scott_jax.convert import from_torch
-    from scott_jax.data import load_source, pretrain_batches
+    from scott_jax.data import load_source
     from scott_jax.methods import mim_jepa
     from scott_jax.methods.base import TrainState
     from scott_jax.sharding import make_mesh, to_global
@@ -144,18 +144,8 @@ def main() -> None:
     for seed in dropout_seeds:
         runs[f"ours_dropout_{seed}"] = trainer_and_state(seed, own_init=False)
 
-    batches = mim_jepa.masked_batches(
-        pretrain_batches(
-            source,
-            batch_size=config.batch_size,
-            img_size=config.img_size,
-            seed=config.seed,
-            crop_scale=tuple(config.data.crop_scale),
-            aug=config.data.aug,
-        ),
-        config,
-        encoder.grid_size,
-        start_step=0,
+    batches = mim_jepa.masked_batches(  # launch.py's stream and masks
+        loop.input_stream(config, source, start_step=0), config, encoder.grid_size, start_step=0
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

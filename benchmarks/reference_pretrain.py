@@ -29,8 +29,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from scott_jax import methods, optim
-from scott_jax.data import eval_batches, load_source, pretrain_batches
+from scott_jax import loop, methods, optim
+from scott_jax.data import eval_batches, load_source
 from scott_jax.evaluators.knn import knn_accuracy, knn_sources
 from scott_jax.methods import mim_jepa
 
@@ -132,18 +132,8 @@ def main(argv) -> None:
     knn_every = int(config.knn_every_epochs * lengths.steps_per_epoch)
     knn_data = knn_sources(config.data)
     grid = mim_jepa.build_encoder(config).grid_size
-    batches = mim_jepa.masked_batches(  # the keep-masks launch.py draws for each step
-        pretrain_batches(
-            source,
-            batch_size=config.batch_size,
-            img_size=config.img_size,
-            seed=config.seed,
-            crop_scale=tuple(config.data.crop_scale),
-            aug=config.data.aug,
-        ),
-        config,
-        grid,
-        start_step=0,
+    batches = mim_jepa.masked_batches(  # launch.py's stream and the keep-masks it draws
+        loop.input_stream(config, source, start_step=0), config, grid, start_step=0
     )
     Path(flags.FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     with open(flags.FLAGS.out, "w") as out:
