@@ -131,6 +131,17 @@ def sketch(params: Mapping) -> dict[str, np.ndarray]:
     return out
 
 
+def record(state) -> dict:
+    """Sketches of a MIM-JEPA / I-JEPA state's context encoder, predictor and target."""
+    import jax  # only our side needs it (module docstring)
+
+    return {
+        "context": sketch(jax.device_get(state.params["context_encoder"])),
+        "predictor": sketch(jax.device_get(state.params["predictor"])),
+        "target": sketch(jax.device_get(state.target_params)),
+    }
+
+
 # --------------------------------------------------------------------------- our side
 
 
@@ -226,13 +237,6 @@ def run_ours(
             )
         )
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-    def record(state) -> dict:
-        return {
-            "context": sketch(jax.device_get(state.params["context_encoder"])),
-            "predictor": sketch(jax.device_get(state.params["predictor"])),
-            "target": sketch(jax.device_get(state.target_params)),
-        }
 
     recorded = {0: record(state)} if 0 in record_steps else {}
     metrics = []
@@ -420,13 +424,6 @@ def run_ours_ijepa(
         opt_state=optimizer.tx.init(params),
     )
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-    def record(state) -> dict:
-        return {
-            "context": sketch(jax.device_get(state.params["context_encoder"])),
-            "predictor": sketch(jax.device_get(state.params["predictor"])),
-            "target": sketch(jax.device_get(state.target_params)),
-        }
 
     recorded = {0: record(state)} if 0 in record_steps else {}
     metrics = []
