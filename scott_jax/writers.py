@@ -12,6 +12,11 @@ from scott_jax import storage
 
 log = logging.getLogger(__name__)
 
+#: The least time between two uploads of the metrics to cloud storage, where each upload
+#: rewrites the whole file (and TensorBoard's event file): writing at every logged step
+#: would stall a fast step. Local files are flushed at every write.
+CLOUD_FLUSH_SECONDS = 30.0
+
 
 class MetricWriter:
     """Appends `{"step": s, ...}` lines to `workdir/metrics.jsonl` and writes TensorBoard events.
@@ -19,8 +24,8 @@ class MetricWriter:
     Appending (not truncating) keeps the history of a run that was resumed; rows after the
     resume step are what the resumed run wrote. A torn last line (a run killed mid-write) is
     cut off first, so it never ends up inside the file. On cloud storage, where objects cannot
-    be appended to, the file is rewritten whole at every write (a few thousand short lines
-    over a run). Only process 0 should write.
+    be appended to, the file is rewritten whole, at most every `CLOUD_FLUSH_SECONDS` and at
+    `close` (which the loop calls even when it fails). Only process 0 should write.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
@@ -30,6 +35,8 @@ class MetricWriter:
         self._file = open(self.path, "a") if storage.is_local(self.path) else None
         cloud_text = self._file is None and storage.exists(self.path)
         self._text = storage.read_text(self.path) if cloud_text else ""
+        self._uploaded = time.monotonic()  # cloud only: when the text was last written
+        self._pending = False
         self._tb = None
         if tensorboard:
             import tensorflow as tf  # already imported by the data pipeline
@@ -41,20 +48,29 @@ class MetricWriter:
         row = {"step": int(step), "time": time.time()}
         row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
         line = json.dumps(row) + "\n"
-        if self._file is None:
-            self._text += line
-            storage.write_text(self.path, self._text)
-        else:
+        if self._file is not None:
             self._file.write(line)
             self._file.flush()
+        else:
+            self._text, self._pending = self._text + line, True
         if self._tb is not None:
             with self._tb.as_default(step=int(step)):
                 for key, value in row.items():
                     if key not in ("step", "time"):
                         self._tf.summary.scalar(key, value)
+        if self._file is not None or time.monotonic() - self._uploaded >= CLOUD_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Everything written so far to the files (one upload of each on cloud storage)."""
+        if self._pending:
+            storage.write_text(self.path, self._text)
+            self._uploaded, self._pending = time.monotonic(), False
+        if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None:
             self._file.close()
         if self._tb is not None:

@@ -251,3 +251,26 @@ def test_local_and_cloud_locations_resolve(tmp_path, monkeypatch):
     assert storage.resolve("gs://b/run/") == "gs://b/run"
     assert storage.join("gs://b/run", "checkpoints") == "gs://b/run/checkpoints"
     assert storage.is_local("/x") and not storage.is_local("s3://b/x")
+
+
+def test_metrics_reach_a_bucket_at_most_every_flush_interval_and_at_close(bucket, monkeypatch):
+    """Each upload rewrites the whole object, so a fast step must not upload at every row."""
+    from scott_jax import writers
+
+    local, _ = bucket
+    uploads = []
+    write_text = storage.write_text
+    monkeypatch.setattr(storage, "write_text", lambda *a: uploads.append(a) or write_text(*a))
+    writer = writers.MetricWriter(f"{BUCKET}/metrics_run", tensorboard=False)
+    for step in range(1, 4):
+        writer.write(step, {"loss": 1.0 / step})
+    assert uploads == []  # within CLOUD_FLUSH_SECONDS of the start
+    monkeypatch.setattr(writers, "CLOUD_FLUSH_SECONDS", 0.0)
+    writer.write(4, {"loss": 0.25})
+    assert len(uploads) == 1
+    writer.write(5, {"loss": 0.2})
+    writer.close()
+    assert len(uploads) == 2
+    rows = writers.read_metrics(f"{BUCKET}/metrics_run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert os.path.exists(os.path.join(local, "metrics_run", "metrics.jsonl"))
