@@ -401,6 +401,8 @@ def run(config, workdir: str, method, mesh, stop_at_step: int | None) -> Outcome
         facts = {"num_examples": source.num_examples}
         if checkpointer.save(step, state, config.to_dict(), force=force, run=facts):
             last_saved = step
+            if writer is not None:  # the rows up to a checkpoint are never lost
+                writer.flush()
 
     interrupted = None
     try:

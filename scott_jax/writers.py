@@ -24,8 +24,9 @@ class MetricWriter:
     Appending (not truncating) keeps the history of a run that was resumed; rows after the
     resume step are what the resumed run wrote. A torn last line (a run killed mid-write) is
     cut off first, so it never ends up inside the file. On cloud storage, where objects cannot
-    be appended to, the file is rewritten whole, at most every `CLOUD_FLUSH_SECONDS` and at
-    `close` (which the loop calls even when it fails). Only process 0 should write.
+    be appended to, the file is rewritten whole, at most every `CLOUD_FLUSH_SECONDS`, at
+    `flush` (the loop's at every checkpoint) and at `close` (which the loop calls even when it
+    fails). Only process 0 should write.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
